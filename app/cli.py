@@ -1,0 +1,52 @@
+"""The ``gsp`` command line: one parser, subcommands registered by the modules in app.commands.
+
+Each command module exposes ``register(subparsers)``; heavy imports happen inside the handlers so
+that ``gsp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def package_version() -> str:
+    """The installed distribution's version, or the source tree's when not installed."""
+    try:
+        return version("gsp-retrieval")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gsp",
+        description="Image retrieval with Generalized Sum Pooling: train, index, search, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"app.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the gsp command line, one module each."""
