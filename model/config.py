@@ -1,0 +1,70 @@
+"""Model configuration: everything needed to rebuild a network and feed it images, as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ModelConfig", "Preprocessing"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input: resize the short side, centre-crop, normalise."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            image_size=int(data["image_size"]),
+            resize_size=int(data["resize_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an :class:`~model.net.EmbeddingNet` plus its preprocessing."""
+
+    backbone: str = "resnet50"
+    pretrained: bool = True
+    output_stride: int = 32
+    pooling: str = "gsp"
+    embedding_dim: int = 512
+    pooling_options: dict[str, float] = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preprocessing"] = self.preprocessing.to_dict()
+        data["pooling_options"] = dict(self.pooling_options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {name for name in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        values = dict(data)
+        if "preprocessing" in values:
+            values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
+        if "pooling_options" in values:
+            values["pooling_options"] = dict(values["pooling_options"])
+        return cls(**values)
