@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.transport import partial_transport
+from model.transport import solve_transport
 
 __all__ = [
     "POOLINGS",
@@ -95,7 +95,9 @@ class GeneralizedSumPooling(nn.Module):
         self.transport_ratio = float(transport_ratio)
         self.entropy_weight = float(entropy_weight)
         self.projection = nn.Conv2d(in_channels, embedding_dim, kernel_size=1)
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embedding_dim), dim=1))
+        self.prototypes = nn.Parameter(
+            F.normalize(torch.randn(num_prototypes, embedding_dim), dim=1)
+        )
         self._warmup_memory: list[Tensor] | None = None
         self._warmup_size = 0
 
@@ -131,12 +133,13 @@ class GeneralizedSumPooling(nn.Module):
         if unary_cost is not None:
             cost = cost + unary_cost.reshape(batch, 1, height * width).to(cost.dtype)
         ratio = self.transport_ratio if transport_ratio is None else transport_ratio
-        plan, _ = partial_transport(cost, ratio, self.entropy_weight)
-        taken = plan.sum(dim=1)  # (B, n): g_i / n
-        ratio_t = torch.as_tensor(ratio, dtype=taken.dtype, device=taken.device).reshape(-1, 1)
-        weights = taken * (height * width) / ratio_t
+        parts = solve_transport(cost, ratio, self.entropy_weight)
+        n = height * width
+        ratio_t = torch.as_tensor(ratio, dtype=parts.taken.dtype, device=cost.device).reshape(-1, 1)
+        weights = parts.taken / ratio_t
+        plan = parts.assignment * (parts.taken / n)[:, None, :]
         flat = projected.flatten(2)
-        embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / (height * width)
+        embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
         histogram = plan.sum(dim=2) / ratio_t
         return PoolingResult(
             embedding=embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
@@ -177,7 +180,9 @@ class GeneralizedSumPooling(nn.Module):
             raise ValueError(
                 f"features must be (N, {self.embedding_dim}), got {tuple(features.shape)}"
             )
-        centers = greedy_k_center(F.normalize(features.float(), dim=1), self.num_prototypes, generator)
+        centers = greedy_k_center(
+            F.normalize(features.float(), dim=1), self.num_prototypes, generator
+        )
         self.prototypes.copy_(centers.to(self.prototypes))
 
     def extra_repr(self) -> str:

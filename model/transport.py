@@ -11,11 +11,18 @@ function theorem: nothing from the iterations is stored.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["TransportSolution", "partial_transport", "transported_fraction"]
+__all__ = [
+    "TransportParts",
+    "TransportSolution",
+    "partial_transport",
+    "solve_transport",
+    "transported_fraction",
+]
 
 _MAX_NEWTON_STEPS = 200
 # Large enough that sigmoid(u + l) is exactly 1 in float64 for every location: the mu = 1 case.
@@ -43,17 +50,17 @@ def _solve_offset(log_mass: Tensor, ratio: Tensor) -> Tensor:
     Safeguarded Newton: every iterate stays inside a bracket that shrinks on each evaluation,
     and a step leaving the bracket is replaced by bisection, so convergence is guaranteed.
     """
-    l = log_mass.double()
+    log_mass_64 = log_mass.double()
     mu = ratio.double()
     saturated = mu >= 1.0
     target = torch.where(saturated, torch.full_like(mu, 0.5), mu)
     logit = torch.log(target) - torch.log1p(-target)
-    lo = logit - l.amax(dim=1)
-    hi = logit - l.amin(dim=1)
-    u = (logit - l.mean(dim=1)).clamp(lo, hi)
+    lo = logit - log_mass_64.amax(dim=1)
+    hi = logit - log_mass_64.amin(dim=1)
+    u = (logit - log_mass_64.mean(dim=1)).clamp(lo, hi)
     tol = 4 * torch.finfo(torch.float64).eps
     for _ in range(_MAX_NEWTON_STEPS):
-        g = torch.sigmoid(u[:, None] + l)
+        g = torch.sigmoid(u[:, None] + log_mass_64)
         f = g.mean(dim=1) - target
         slope = (g * (1 - g)).mean(dim=1)
         lo = torch.where(f <= 0, u, lo)
@@ -66,7 +73,7 @@ def _solve_offset(log_mass: Tensor, ratio: Tensor) -> Tensor:
         if bool(done.all()):
             break
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
-    return torch.where(saturated, _SATURATED_OFFSET - l.amin(dim=1), u)
+    return torch.where(saturated, _SATURATED_OFFSET - log_mass_64.amin(dim=1), u)
 
 
 class _TransportedFraction(torch.autograd.Function):
@@ -127,11 +134,35 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
         ratio = ratio.expand(batch)
     if ratio.shape != (batch,):
         raise ValueError(
-            f"transport_ratio must be a float or a ({batch},) tensor, got shape {tuple(ratio.shape)}"
+            f"transport_ratio must be a float or a ({batch},) tensor, "
+            f"got shape {tuple(ratio.shape)}"
         )
     if not bool(((ratio > 0) & (ratio <= 1)).all()):
         raise ValueError(f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}")
     return ratio
+
+
+class TransportParts(NamedTuple):
+    """The factors of the plan: ``plan[b, k, i] = assignment[b, k, i] * taken[b, i] / n``."""
+
+    assignment: Tensor  # (B, m, n): softmax over prototypes of -gamma * cost
+    taken: Tensor  # (B, n): fraction g_i of location i's mass that is transported
+    kept: Tensor  # (B, n): 1 - g_i, computed without cancellation
+
+
+def solve_transport(
+    cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float
+) -> TransportParts:
+    """Solve the transport and return its factors; see :func:`partial_transport`.
+
+    Poolings use the factors directly so that ``transport_ratio = 1`` gives weights of exactly 1.
+    """
+    ratio = _check_inputs(cost, transport_ratio, entropy_weight)
+    work_dtype = torch.promote_types(cost.dtype, torch.float32)
+    with torch.autocast(device_type=cost.device.type, enabled=False):
+        scores = cost.to(work_dtype) * (-entropy_weight)
+        taken, kept = transported_fraction(torch.logsumexp(scores, dim=1), ratio)
+        return TransportParts(torch.softmax(scores, dim=1), taken, kept)
 
 
 def partial_transport(
@@ -149,14 +180,6 @@ def partial_transport(
         ``k`` and ``residual[b, i]`` the mass it keeps; each location holds ``1/n`` in total and
         ``plan.sum((1, 2)) == mu``.  Computed in at least float32, whatever the input precision.
     """
-    ratio = _check_inputs(cost, transport_ratio, entropy_weight)
-    work_dtype = torch.promote_types(cost.dtype, torch.float32)
-    with torch.autocast(device_type=cost.device.type, enabled=False):
-        scores = cost.to(work_dtype) * (-entropy_weight)
-        log_mass = torch.logsumexp(scores, dim=1)
-        taken, kept = transported_fraction(log_mass, ratio)
-        n = cost.shape[2]
-        assignment = torch.softmax(scores, dim=1)
-        plan = assignment * (taken / n)[:, None, :]
-        residual = kept / n
-    return TransportSolution(plan, residual)
+    parts = solve_transport(cost, transport_ratio, entropy_weight)
+    n = cost.shape[2]
+    return TransportSolution(parts.assignment * (parts.taken / n)[:, None, :], parts.kept / n)

@@ -1,0 +1,182 @@
+"""The GSP layer and the baseline poolings behind the same interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.gsp import (
+    GeneralizedSumPooling,
+    PoolingResult,
+    build_pooling,
+    greedy_k_center,
+)
+
+
+def feature_map(batch: int = 3, channels: int = 16, size: int = 5, dtype=torch.float64):
+    torch.manual_seed(0)
+    return torch.randn(batch, channels, size, size, dtype=dtype)
+
+
+def test_result_shapes_and_marginals() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=6).double()
+    result = layer(feature_map())
+    assert isinstance(result, PoolingResult)
+    assert result.embedding.shape == (3, 8)
+    assert result.weights.shape == (3, 5, 5)
+    assert result.plan.shape == (3, 6, 5, 5)
+    assert result.histogram.shape == (3, 6)
+    assert torch.allclose(result.weights.mean(dim=(1, 2)), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(result.histogram.sum(1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(result.plan.sum((1, 2, 3)), torch.full((3,), 0.3, dtype=torch.float64))
+    # weights are g_i / mu with g_i in (0, 1): no location can weigh more than 1 / mu
+    assert (result.weights > 0).all() and (result.weights <= 1 / 0.3 + 1e-12).all()
+
+
+def test_embedding_is_weighted_mean_of_projection() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=4).double()
+    features = feature_map()
+    result = layer(features)
+    projected = layer.projection(features).flatten(2)
+    expected = (projected * result.weights.flatten(1)[:, None, :]).mean(dim=2)
+    assert torch.allclose(result.embedding, expected, atol=1e-12)
+
+
+def test_full_transport_ratio_is_global_average_pooling() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=4, transport_ratio=1.0).double()
+    features = feature_map()
+    result = layer(features)
+    mean_projection = layer.projection(features).mean(dim=(2, 3))
+    assert torch.equal(result.weights, torch.ones_like(result.weights))
+    assert torch.allclose(result.embedding, mean_projection, atol=1e-14)
+
+
+def test_gradcheck_whole_layer() -> None:
+    layer = GeneralizedSumPooling(6, 4, num_prototypes=3, entropy_weight=3.0).double()
+    features = feature_map(batch=2, channels=6, size=3).requires_grad_()
+
+    def pooled(x, prototypes):
+        result = torch.func.functional_call(layer, {"prototypes": prototypes}, (x,))
+        return result.embedding, result.histogram
+
+    prototypes = layer.prototypes.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(pooled, (features, prototypes))
+
+
+def test_query_time_ratio_and_unary_cost() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=4).double()
+    features = feature_map()
+    sharper = layer(features, transport_ratio=0.1)
+    assert torch.allclose(sharper.plan.sum((1, 2, 3)), torch.full((3,), 0.1, dtype=torch.float64))
+    favour = torch.zeros(3, 5, 5, dtype=torch.float64)
+    favour[:, 0, 0] = -3.0
+    base = layer(features)
+    favoured = layer(features, unary_cost=favour)
+    assert (favoured.weights[:, 0, 0] > base.weights[:, 0, 0]).all()
+
+
+def test_half_precision_autocast_stays_finite_at_large_entropy_weight() -> None:
+    layer = GeneralizedSumPooling(32, 16, num_prototypes=8, entropy_weight=100.0)
+    features = torch.randn(4, 32, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = layer(features)
+        result.embedding.sum().backward()
+    assert torch.isfinite(result.embedding).all() and torch.isfinite(result.weights).all()
+    assert torch.allclose(result.weights.mean(dim=(1, 2)), torch.ones(4), atol=1e-4)
+    assert torch.isfinite(layer.prototypes.grad).all()
+
+
+def test_k_center_initialisation_covers_the_points() -> None:
+    clusters = torch.eye(4) * 10
+    points = torch.cat([clusters + 0.01 * torch.randn(4, 4) for _ in range(20)])
+    centers = greedy_k_center(points, 4, generator=torch.Generator().manual_seed(1))
+    # one pick per well-separated cluster
+    assert sorted(centers.argmax(1).tolist()) == [0, 1, 2, 3]
+
+
+def test_warmup_collects_projected_features_then_initialises_prototypes() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=5)
+    before = layer.prototypes.detach().clone()
+    layer.train()
+    layer.start_warmup(memory_size=40)
+    for _ in range(3):
+        layer(torch.randn(2, 16, 4, 4))
+    layer.finish_warmup(generator=torch.Generator().manual_seed(0))
+    after = layer.prototypes.detach()
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after.norm(dim=1), torch.ones(5), atol=1e-5)
+    with pytest.raises(RuntimeError, match="no features"):
+        layer.finish_warmup()
+
+
+def test_init_prototypes_rejects_wrong_width() -> None:
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=5)
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        layer.init_prototypes(torch.randn(10, 7))
+
+
+@pytest.mark.parametrize("name", ["gsp", "gap", "gmp", "gem"])
+def test_all_poolings_share_the_interface(name: str) -> None:
+    pooling = build_pooling(name, 16, 8)
+    features = torch.rand(2, 16, 4, 6)
+    result = pooling(features)
+    assert result.embedding.shape == (2, 8)
+    assert result.weights.shape == (2, 4, 6)
+    assert torch.allclose(result.weights.mean(dim=(1, 2)), torch.ones(2), atol=1e-5)
+    result.embedding.sum().backward()
+
+
+def test_gap_weights_are_ones_and_gmp_marks_the_maximum() -> None:
+    features = torch.zeros(1, 4, 3, 3)
+    features[0, :, 2, 1] = 5.0
+    gap = build_pooling("gap", 4, 2)(features)
+    gmp = build_pooling("gmp", 4, 2)(features)
+    assert torch.equal(gap.weights, torch.ones(1, 3, 3))
+    assert gmp.weights[0, 2, 1] == 9.0 and gmp.weights.sum() == 9.0
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        (torch.randn(2, 16, 4), "(B, C, H, W)"),
+        (torch.randn(2, 15, 4, 4), "16 channels"),
+        (torch.full((2, 16, 4, 4), float("inf")), "NaN or infinite"),
+    ],
+)
+@pytest.mark.parametrize("name", ["gsp", "gap", "gmp", "gem"])
+def test_bad_feature_maps_are_rejected(name: str, features, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_pooling(name, 16, 8)(features)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"transport_ratio": 0.0}, "transport_ratio"),
+        ({"transport_ratio": 1.2}, "transport_ratio"),
+        ({"entropy_weight": 0.0}, "entropy_weight"),
+        ({"num_prototypes": 0}, "num_prototypes"),
+    ],
+)
+def test_bad_hyper_parameters_are_rejected(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        GeneralizedSumPooling(16, 8, **options)
+
+
+def test_unknown_pooling_name() -> None:
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_pooling("avg", 16, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast(dtype: torch.dtype) -> None:
+    layer = GeneralizedSumPooling(64, 32, entropy_weight=100.0).cuda()
+    features = torch.randn(8, 64, 14, 14, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        result = layer(features)
+        result.embedding.float().sum().backward()
+    assert torch.isfinite(result.embedding).all()
+    assert torch.allclose(result.weights.mean(dim=(1, 2)), torch.ones(8, device="cuda"), atol=1e-4)
+    reference = layer.float()(features)
+    assert (reference.weights - result.weights).abs().max() < 0.05 * reference.weights.max()

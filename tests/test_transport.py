@@ -1,0 +1,130 @@
+"""The exact partial-transport solver against the official fixed point, and its gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.transport import partial_transport
+from tests.reference_transport import converged_fixed_point, fixed_point_transport
+
+RATIOS = torch.tensor([0.05, 0.3, 0.7, 0.9, 0.99], dtype=torch.float64)
+
+
+def adversarial_costs(m: int, n: int) -> torch.Tensor:
+    """Random costs plus the hard cases: all equal, one far location, all 0, all 2."""
+    generator = torch.Generator().manual_seed(m * 1000 + n)
+    random = torch.rand(len(RATIOS), m, n, generator=generator, dtype=torch.float64) * 2
+    far = torch.zeros(m, n, dtype=torch.float64)
+    far[:, 0] = 2.0
+    cases = [
+        torch.full((m, n), 0.7, dtype=torch.float64),
+        far,
+        torch.zeros(m, n),
+        torch.full((m, n), 2.0),
+    ]
+    return torch.cat([random, torch.stack([c.double() for c in cases])])
+
+
+@pytest.mark.parametrize("n", [1, 4, 49, 196])
+@pytest.mark.parametrize("m", [1, 8, 64, 256])
+@pytest.mark.parametrize("gamma", [0.1, 5.0, 100.0])
+def test_plan_matches_converged_fixed_point(n: int, m: int, gamma: float) -> None:
+    cost = adversarial_costs(m, n)
+    ratios = torch.cat([RATIOS, RATIOS[[0, 2, 4, 3]]])
+    plan, residual = partial_transport(cost, ratios, gamma)
+    ref_plan, ref_residual = converged_fixed_point(cost, ratios, gamma)
+    assert (plan - ref_plan).abs().max() < 1e-6
+    assert (residual - ref_residual).abs().max() < 1e-6
+    # Far tighter than the required 1e-6 in practice: the solve is exact to float64 precision.
+    assert (plan - ref_plan).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_marginals_hold(dtype: torch.dtype) -> None:
+    cost = torch.rand(6, 16, 49, dtype=dtype) * 2
+    ratios = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.99, 1.0], dtype=dtype)
+    plan, residual = partial_transport(cost, ratios, 10.0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert torch.allclose(plan.sum(1) + residual, torch.full_like(residual, 1 / 49), atol=tol)
+    assert torch.allclose(plan.sum((1, 2)), ratios, atol=tol)
+    assert (plan >= 0).all() and (residual >= 0).all()
+
+
+def test_full_ratio_transports_everything() -> None:
+    cost = torch.rand(3, 8, 20, dtype=torch.float64) * 2
+    plan, residual = partial_transport(cost, 1.0, 5.0)
+    assert torch.equal(residual, torch.zeros_like(residual))
+    assert torch.allclose(plan, torch.softmax(-5.0 * cost, dim=1) / 20, atol=1e-15)
+
+
+def test_gradcheck_cost_and_ratio() -> None:
+    cost = (torch.rand(3, 5, 7, dtype=torch.float64) * 2).requires_grad_()
+    ratio = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, r: partial_transport(c, r, 3.0), (cost, ratio))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 5.0, 20.0])
+def test_gradient_equals_autograd_through_unrolled_solver(gamma: float) -> None:
+    cost = torch.rand(2, 6, 9, dtype=torch.float64) * 2
+    ratio = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    probe_plan = torch.randn(2, 6, 9, dtype=torch.float64)
+    probe_residual = torch.randn(2, 9, dtype=torch.float64)
+
+    def gradients(solver):
+        c = cost.clone().requires_grad_()
+        r = ratio.clone().requires_grad_()
+        plan, residual = solver(c, r)
+        ((plan * probe_plan).sum() + (residual * probe_residual).sum()).backward()
+        return c.grad, r.grad
+
+    exact = gradients(lambda c, r: partial_transport(c, r, gamma))
+    unrolled = gradients(lambda c, r: fixed_point_transport(c, r, gamma, iterations=3000))
+    for ours, reference in zip(exact, unrolled, strict=True):
+        assert (ours - reference).abs().max() < 1e-6
+
+
+def test_gradient_is_finite_at_full_ratio() -> None:
+    cost = (torch.rand(2, 4, 6, dtype=torch.float64) * 2).requires_grad_()
+    ratio = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    plan, residual = partial_transport(cost, ratio, 5.0)
+    (plan.square().sum() + residual.sum()).backward()
+    assert torch.isfinite(cost.grad).all() and torch.isfinite(ratio.grad).all()
+
+
+@pytest.mark.parametrize("gamma", [1.0, 50.0, 100.0])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_costs_do_not_underflow(half: torch.dtype, gamma: float) -> None:
+    cost = (torch.rand(4, 64, 49) * 2).to(half)
+    plan, residual = partial_transport(cost, 0.3, gamma)
+    assert plan.dtype == torch.float32
+    assert torch.isfinite(plan).all() and torch.isfinite(residual).all()
+    assert torch.allclose(plan.sum((1, 2)), torch.full((4,), 0.3), atol=1e-5)
+    ref_plan, _ = converged_fixed_point(cost.double(), 0.3, gamma)
+    assert (plan.double() - ref_plan).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("cost", "ratio", "gamma", "message"),
+    [
+        (torch.rand(4, 5), 0.3, 5.0, "(B, m, n)"),
+        (torch.rand(2, 4, 5), 0.0, 5.0, "transport_ratio"),
+        (torch.rand(2, 4, 5), 1.5, 5.0, "transport_ratio"),
+        (torch.rand(2, 4, 5), torch.tensor([0.3, 0.3, 0.3]), 5.0, "transport_ratio"),
+        (torch.full((2, 4, 5), float("nan")), 0.3, 5.0, "NaN"),
+        (torch.rand(2, 4, 5), 0.3, -1.0, "entropy_weight"),
+        (torch.rand(2, 0, 5), 0.3, 5.0, "empty"),
+    ],
+)
+def test_bad_input_is_rejected(cost, ratio, gamma, message) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        partial_transport(cost, ratio, gamma)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu() -> None:
+    cost = torch.rand(8, 64, 196) * 2
+    plan_cpu, residual_cpu = partial_transport(cost, 0.3, 5.0)
+    plan_gpu, residual_gpu = partial_transport(cost.cuda(), 0.3, 5.0)
+    assert (plan_gpu.cpu() - plan_cpu).abs().max() < 1e-6
+    assert (residual_gpu.cpu() - residual_cpu).abs().max() < 1e-6
