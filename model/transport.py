@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "TransportSolution",
     "partial_transport",
     "solve_transport",
-    "transported_fraction",
 ]
 
 _MAX_NEWTON_STEPS = 200
@@ -76,39 +76,73 @@ def _solve_offset(log_mass: Tensor, ratio: Tensor) -> Tensor:
     return torch.where(saturated, _SATURATED_OFFSET - log_mass_64.amin(dim=1), u)
 
 
-class _TransportedFraction(torch.autograd.Function):
-    """``g_i = sigmoid(u(l, mu) + l_i)`` and ``1 - g_i``, with the implicit-function gradient."""
+def _implicit_backward(z: Tensor, grad_g: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``g = sigmoid(u(l, mu) + l)`` w.r.t. ``l`` and ``mu`` given ``dL/dg``.
 
-    @staticmethod
-    def forward(ctx, log_mass: Tensor, ratio: Tensor) -> tuple[Tensor, Tensor]:
-        u = _solve_offset(log_mass, ratio)
-        z = u[:, None] + log_mass.double()
-        ctx.save_for_backward(z)
-        ctx.out_dtype = log_mass.dtype
-        ctx.ratio_dtype = ratio.dtype
-        return torch.sigmoid(z).to(log_mass.dtype), torch.sigmoid(-z).to(log_mass.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_taken: Tensor, grad_kept: Tensor) -> tuple[Tensor, Tensor]:
-        (z,) = ctx.saved_tensors
-        n = z.shape[1]
-        grad_g = grad_taken.double() - grad_kept.double()
-        # s_i = g_i (1 - g_i), in the log domain so that mu -> 1 keeps its limit softmax(-l).
-        log_s = -torch.nn.functional.softplus(-z) - torch.nn.functional.softplus(z)
-        share = torch.softmax(log_s, dim=1)
-        projected = (share * grad_g).sum(dim=1, keepdim=True)
-        grad_l = log_s.exp() * (grad_g - projected)
-        grad_mu = n * projected.squeeze(1)
-        return grad_l.to(ctx.out_dtype), grad_mu.to(ctx.ratio_dtype)
-
-
-def transported_fraction(log_mass: Tensor, ratio: Tensor) -> tuple[Tensor, Tensor]:
-    """Fraction ``g_i`` of each location's mass that is transported, and ``1 - g_i``.
-
-    ``log_mass`` is ``l = logsumexp_k(-gamma c_ik)`` of shape ``(B, n)``; ``ratio`` is ``(B,)``.
-    Differentiable with respect to both.
+    By the implicit function theorem, with ``s_i = g_i (1 - g_i)``:
+    ``du/dl_i = -s_i / sum_j s_j`` and ``du/dmu = n / sum_j s_j``.
     """
-    return _TransportedFraction.apply(log_mass, ratio)
+    n = z.shape[1]
+    # log s_i in the log domain, so that mu -> 1 keeps its limit share softmax(-l).
+    log_s = -F.softplus(-z) - F.softplus(z)
+    share = torch.softmax(log_s, dim=1)
+    projected = (share * grad_g).sum(dim=1, keepdim=True)
+    return log_s.exp() * (grad_g - projected), n * projected.squeeze(1)
+
+
+# Below this total kernel mass a location's terms may underflow: take the max-shifted path.
+_UNSHIFTED_MIN_MASS = 1.0e-30
+
+
+def _assignment_and_log_mass(cost: Tensor, entropy_weight: float) -> tuple[Tensor, Tensor]:
+    """``softmax_k(-gamma c)`` and ``l = logsumexp_k(-gamma c)`` with as few passes as possible.
+
+    Usually no location's kernel mass underflows and plain exponentials suffice (three passes
+    over the costs); otherwise the max-shifted softmax is used, and ``l`` is read off it at its
+    largest entry (``l = max s - log max A``), which cannot underflow.
+    """
+    kernel = cost.mul(-entropy_weight).exp_()
+    mass = kernel.sum(dim=1)
+    if bool(mass.amin() > _UNSHIFTED_MIN_MASS):
+        return kernel.div_(mass[:, None, :]), mass.log()
+    scores = cost * (-entropy_weight)
+    assignment = torch.softmax(scores, dim=1)
+    largest, best = assignment.max(dim=1, keepdim=True)
+    return assignment, (scores.gather(1, best) - largest.log()).squeeze(1)
+
+
+class _Transport(torch.autograd.Function):
+    """Cost to plan factors in one pass; saves only the assignment and ``u + l`` for backward."""
+
+    @staticmethod
+    def forward(
+        ctx, cost: Tensor, ratio: Tensor, entropy_weight: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assignment, log_mass = _assignment_and_log_mass(cost, entropy_weight)
+        z = _solve_offset(log_mass, ratio)[:, None] + log_mass.double()
+        ctx.save_for_backward(assignment, z)
+        ctx.entropy_weight = entropy_weight
+        ctx.ratio_dtype = ratio.dtype
+        taken = torch.sigmoid(z).to(cost.dtype)
+        kept = torch.sigmoid(-z).to(cost.dtype)
+        return assignment, taken, kept
+
+    @staticmethod
+    def backward(ctx, grad_assignment, grad_taken, grad_kept):
+        assignment, z = ctx.saved_tensors
+        grad_g = torch.zeros_like(z)
+        if grad_taken is not None:
+            grad_g = grad_g + grad_taken.double()
+        if grad_kept is not None:
+            grad_g = grad_g - grad_kept.double()
+        grad_l, grad_mu = _implicit_backward(z, grad_g)
+        # d l_i / d s_ik = A_ik; the softmax contributes A (G - <A, G>).
+        grad_scores = assignment * grad_l.to(assignment.dtype)[:, None, :]
+        if grad_assignment is not None:
+            inner = (assignment * grad_assignment).sum(dim=1, keepdim=True)
+            grad_scores = grad_scores + assignment * (grad_assignment - inner)
+        grad_cost = grad_scores * (-ctx.entropy_weight)
+        return grad_cost, grad_mu.to(ctx.ratio_dtype), None
 
 
 def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float) -> Tensor:
@@ -122,7 +156,7 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
         raise TypeError(f"cost must be a floating-point tensor, got {cost.dtype}")
     if not math.isfinite(entropy_weight) or entropy_weight <= 0:
         raise ValueError(f"entropy_weight must be a positive finite number, got {entropy_weight}")
-    if not bool(torch.isfinite(cost).all()):
+    if not bool(torch.isfinite(cost.sum())):  # one reduction: NaN or inf anywhere shows
         raise ValueError("cost contains NaN or infinite values")
     if isinstance(transport_ratio, Tensor):
         ratio = transport_ratio.to(cost.device)
@@ -160,9 +194,7 @@ def solve_transport(
     ratio = _check_inputs(cost, transport_ratio, entropy_weight)
     work_dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        scores = cost.to(work_dtype) * (-entropy_weight)
-        taken, kept = transported_fraction(torch.logsumexp(scores, dim=1), ratio)
-        return TransportParts(torch.softmax(scores, dim=1), taken, kept)
+        return TransportParts(*_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight)))
 
 
 def partial_transport(
