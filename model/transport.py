@@ -44,36 +44,49 @@ class TransportSolution(tuple):
         return self[1]
 
 
-def _solve_offset(log_mass: Tensor, ratio: Tensor) -> Tensor:
-    """Root ``u`` of ``mean_i sigmoid(u + l_i) = mu`` per row, in float64, to machine precision.
+def _solve_offset(log_mass: Tensor, ratio: Tensor) -> tuple[Tensor, int]:
+    """Root ``u`` of ``mean_i sigmoid(u + l_i) = mu`` per row, in float64, and the step count.
 
-    Safeguarded Newton: every iterate stays inside a bracket that shrinks on each evaluation,
-    and a step leaving the bracket is replaced by bisection, so convergence is guaranteed.
+    Newton runs on ``log mean g = log mu`` for ``mu <= 1/2`` and on
+    ``log mean (1 - g) = log (1 - mu)`` above: each is nearly linear in ``u`` in its regime, so
+    a few steps suffice.  Every iterate stays inside a bracket that shrinks on each evaluation,
+    and a step leaving it is replaced by bisection, so convergence is guaranteed.
     """
     log_mass_64 = log_mass.double()
     mu = ratio.double()
     saturated = mu >= 1.0
     target = torch.where(saturated, torch.full_like(mu, 0.5), mu)
+    low_ratio = target <= 0.5
+    log_target = torch.where(low_ratio, torch.log(target), torch.log1p(-target))
     logit = torch.log(target) - torch.log1p(-target)
     lo = logit - log_mass_64.amax(dim=1)
     hi = logit - log_mass_64.amin(dim=1)
     u = (logit - log_mass_64.mean(dim=1)).clamp(lo, hi)
-    tol = 4 * torch.finfo(torch.float64).eps
-    for _ in range(_MAX_NEWTON_STEPS):
-        g = torch.sigmoid(u[:, None] + log_mass_64)
-        f = g.mean(dim=1) - target
-        slope = (g * (1 - g)).mean(dim=1)
-        lo = torch.where(f <= 0, u, lo)
-        hi = torch.where(f >= 0, u, hi)
-        newton = u - f / slope.clamp_min(torch.finfo(torch.float64).tiny)
-        inside = (newton > lo) & (newton < hi)
+    log_n = math.log(log_mass_64.shape[1])
+    # Newton's error after a step is about the square of the step, so 1e-12 means converged.
+    tol = 1.0e-12
+    steps = 0
+    while steps < _MAX_NEWTON_STEPS:
+        steps += 1
+        z = u[:, None] + log_mass_64
+        log_taken = torch.logsumexp(F.logsigmoid(z), dim=1) - log_n
+        log_kept = torch.logsumexp(F.logsigmoid(-z), dim=1) - log_n
+        # Both residuals are increasing in u and vanish at the root.
+        residual = torch.where(low_ratio, log_taken - log_target, log_target - log_kept)
+        slope_log = torch.logsumexp(F.logsigmoid(z) + F.logsigmoid(-z), dim=1) - log_n
+        slope = torch.exp(slope_log - torch.where(low_ratio, log_taken, log_kept))
+        lo = torch.where(residual <= 0, u, lo)
+        hi = torch.where(residual >= 0, u, hi)
+        newton = u - residual / slope.clamp_min(torch.finfo(torch.float64).tiny)
+        inside = (newton >= lo) & (newton <= hi)
         u_next = torch.where(inside, newton, 0.5 * (lo + hi))
-        done = ((u_next - u).abs() <= tol * (1 + u.abs())) | (hi - lo <= tol * (1 + u.abs()))
+        scale = tol * (1 + u.abs())
+        done = ((u_next - u).abs() <= scale) | (hi - lo <= scale)
         u = u_next
         if bool(done.all()):
             break
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
-    return torch.where(saturated, _SATURATED_OFFSET - log_mass_64.amin(dim=1), u)
+    return torch.where(saturated, _SATURATED_OFFSET - log_mass_64.amin(dim=1), u), steps
 
 
 def _implicit_backward(z: Tensor, grad_g: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,7 +132,8 @@ class _Transport(torch.autograd.Function):
         ctx, cost: Tensor, ratio: Tensor, entropy_weight: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         assignment, log_mass = _assignment_and_log_mass(cost, entropy_weight)
-        z = _solve_offset(log_mass, ratio)[:, None] + log_mass.double()
+        offset, _ = _solve_offset(log_mass, ratio)
+        z = offset[:, None] + log_mass.double()
         ctx.save_for_backward(assignment, z)
         ctx.entropy_weight = entropy_weight
         ctx.ratio_dtype = ratio.dtype

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.transport import partial_transport
+from model.transport import _assignment_and_log_mass, _solve_offset, partial_transport
 from tests.reference_transport import converged_fixed_point, fixed_point_transport
 
 RATIOS = torch.tensor([0.05, 0.3, 0.7, 0.9, 0.99], dtype=torch.float64)
@@ -38,6 +38,14 @@ def test_plan_matches_converged_fixed_point(n: int, m: int, gamma: float) -> Non
     assert (residual - ref_residual).abs().max() < 1e-6
     # Far tighter than the required 1e-6 in practice: the solve is exact to float64 precision.
     assert (plan - ref_plan).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0, 5.0, 20.0, 100.0])
+def test_newton_converges_in_a_handful_of_steps(gamma: float) -> None:
+    cost = torch.rand(len(RATIOS), 64, 196, generator=torch.Generator().manual_seed(3)) * 2
+    _, log_mass = _assignment_and_log_mass(cost, gamma)
+    _, steps = _solve_offset(log_mass, RATIOS)
+    assert steps <= 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
