@@ -1,0 +1,272 @@
+"""``gsp index``: build, add to, remove from, inspect and search galleries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TILE = 160
+CAPTION = 28
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build, inspect and search galleries")
+    commands = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    build = commands.add_parser("build", help="index every image under a folder (resumable)")
+    build.add_argument("--images", required=True, type=Path, help="folder walked recursively")
+    build.add_argument("--checkpoint", required=True, type=Path)
+    build.add_argument("--out", required=True, type=Path, help="gallery directory")
+    _add_job_options(build)
+    build.add_argument("--index-type", default="auto", choices=("auto", "flat", "ivf"))
+    build.add_argument(
+        "--labels-from-subfolders",
+        action="store_true",
+        help="label each image with its first-level subfolder's name",
+    )
+    build.add_argument("--report", type=Path, help="failures as JSON lines (default in --out)")
+    build.set_defaults(handler=_build)
+
+    add = commands.add_parser("add", help="add image files or folders to an existing gallery")
+    add.add_argument("gallery", type=Path)
+    add.add_argument("images", nargs="+", type=Path)
+    add.add_argument("--checkpoint", required=True, type=Path)
+    add.add_argument("--label", help="label for every added image")
+    _add_job_options(add)
+    add.set_defaults(handler=_add)
+
+    remove = commands.add_parser("remove", help="remove items by id")
+    remove.add_argument("gallery", type=Path)
+    remove.add_argument("ids", nargs="+", type=int)
+    remove.set_defaults(handler=_remove)
+
+    info = commands.add_parser("info", help="counts, sizes on disk, model fingerprint, index")
+    info.add_argument("gallery", type=Path)
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(handler=_info)
+
+    search = commands.add_parser("search", help="the gallery's nearest images to a query image")
+    search.add_argument("gallery", type=Path)
+    search.add_argument("image", type=Path)
+    search.add_argument("--checkpoint", required=True, type=Path)
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--label", help="only match items with this label")
+    search.add_argument("--contact-sheet", type=Path, help="PNG of query and matches, heatmaps")
+    search.add_argument("--device", default="auto")
+    search.set_defaults(handler=_search)
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", default="auto", help="DataLoader workers or 'auto'")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    from index.build import build_gallery
+    from index.errors import GalleryError
+
+    try:
+        report = build_gallery(
+            args.images,
+            args.checkpoint,
+            args.out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            index_type=args.index_type,
+            report_path=args.report,
+            labels_from_subfolders=args.labels_from_subfolders,
+            progress=not args.no_progress,
+        )
+    except (GalleryError, OSError, ValueError) as error:
+        return _fail(str(error))
+    print(report.summary())
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+
+    from index.build import FAILURES_FILE, index_files
+    from index.errors import GalleryError
+    from index.gallery import Gallery
+    from index.images import find_images
+
+    files = []
+    for path in args.images:
+        if path.is_dir():
+            files.extend((found, args.label) for found in find_images(path))
+        elif path.is_file():
+            files.append((path, args.label))
+        else:
+            return _fail(f"{path} is neither a file nor a folder")
+    try:
+        loaded = load_checkpoint(args.checkpoint, device="cpu")
+        with Gallery.open(
+            args.gallery,
+            expected_fingerprint=loaded.fingerprint,
+            expected_preprocessing=loaded.config.preprocessing,
+        ) as gallery:
+            report = index_files(
+                gallery,
+                loaded,
+                files,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=args.device,
+                failures_path=args.gallery / FAILURES_FILE,
+                progress=not args.no_progress,
+            )
+    except (GalleryError, OSError, ValueError) as error:
+        return _fail(str(error))
+    print(report.summary())
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from index.errors import GalleryError
+    from index.gallery import Gallery
+
+    try:
+        with Gallery.open(args.gallery) as gallery:
+            removed = gallery.remove(args.ids)
+            gallery.save()
+            remaining = len(gallery)
+    except GalleryError as error:
+        return _fail(str(error))
+    print(f"removed {removed} of {len(args.ids)} ids; gallery holds {remaining} items")
+    return 0
+
+
+def _disk_usage(directory: Path) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            top = path.relative_to(directory).parts[0]
+            sizes[top] = sizes.get(top, 0) + path.stat().st_size
+    return sizes
+
+
+def _info(args: argparse.Namespace) -> int:
+    from index.errors import GalleryError
+    from index.gallery import Gallery
+
+    try:
+        with Gallery.open(args.gallery, read_only=True) as gallery:
+            manifest = gallery.manifest
+            labels = gallery.labels()
+    except GalleryError as error:
+        return _fail(str(error))
+    sizes = _disk_usage(args.gallery)
+    info: dict[str, Any] = {
+        "items": manifest.count,
+        "labels": {str(k): v for k, v in labels.items() if k is not None},
+        "unlabelled": labels.get(None, 0),
+        "model_fingerprint": manifest.model_fingerprint,
+        "preprocessing": manifest.preprocessing,
+        "embedding_dim": manifest.embedding_dim,
+        "metric": manifest.metric,
+        "index_type": manifest.index_type,
+        "requested_index_type": manifest.requested_index_type,
+        "index_params": manifest.index_params,
+        "bytes_on_disk": sizes,
+        "total_bytes": sum(sizes.values()),
+        "created_at": manifest.created_at,
+        "updated_at": manifest.updated_at,
+        "format_version": manifest.format_version,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:22} {value}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import torch
+    from model.checkpoint import load_checkpoint
+
+    from index.build import resolve_device
+    from index.errors import GalleryError
+    from index.gallery import Gallery
+    from index.images import decode_image
+    from model.transforms import eval_transform
+
+    if args.k <= 0:
+        return _fail(f"-k must be positive, got {args.k}")
+    try:
+        loaded = load_checkpoint(args.checkpoint, device="cpu")
+        preprocessing = loaded.config.preprocessing
+        query = decode_image(args.image.read_bytes(), preprocessing.resize_size)
+        device = resolve_device(args.device)
+        with torch.inference_mode():
+            net = loaded.net.to(device).eval()
+            output = net(eval_transform(preprocessing)(query)[None].to(device))
+        with Gallery.open(
+            args.gallery,
+            expected_fingerprint=loaded.fingerprint,
+            expected_preprocessing=preprocessing,
+            read_only=True,
+        ) as gallery:
+            matches = gallery.search(output.embedding.float().cpu().numpy(), args.k, args.label)[0]
+            records = {r.id: r for r in gallery.get_many([m.id for m in matches])}
+    except (GalleryError, OSError, ValueError) as error:
+        return _fail(str(error))
+    print(f"{'rank':>4}  {'score':>7}  {'id':>8}  {'label':<16}  source")
+    for match in matches:
+        record = records[match.id]
+        label = record.label or "-"
+        print(f"{match.rank:>4}  {match.score:7.4f}  {match.id:>8}  {label:<16}  {record.source}")
+    if args.contact_sheet:
+        query_weights = output.weights[0].float().cpu().numpy()
+        tiles = [(query, query_weights, "query")]
+        for match in matches:
+            record = records[match.id]
+            tiles.append(
+                (_open_source(record.source), record.weights, f"#{match.rank} {match.score:.3f}")
+            )
+        _contact_sheet(tiles).save(args.contact_sheet)
+        print(f"contact sheet written to {args.contact_sheet}")
+    return 0
+
+
+def _open_source(source: str) -> Any:
+    """The indexed image when its file is still there, else a grey placeholder."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            image.seek(0)
+            return image.convert("RGB")
+    except (OSError, ValueError):
+        return Image.new("RGB", (TILE, TILE), (128, 128, 128))
+
+
+def _contact_sheet(tiles: list[tuple[Any, Any, str]]) -> Any:
+    """One row per five tiles: each image with its weights heatmap and a caption."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from app.heatmap import overlay_heatmap
+    from model.transforms import to_rgb
+
+    columns = min(5, len(tiles))
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for position, (image, weights, caption) in enumerate(tiles):
+        square = ImageOps.fit(to_rgb(image), (TILE, TILE))
+        x, y = (position % columns) * TILE, (position // columns) * (TILE + CAPTION)
+        sheet.paste(overlay_heatmap(square, weights), (x, y))
+        draw.text((x + 4, y + TILE + 6), caption, fill=(0, 0, 0))
+    return sheet

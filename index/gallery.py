@@ -1,0 +1,457 @@
+"""A gallery: a directory of image embeddings that survives crashes and refuses foreign models.
+
+Layout::
+
+    GALLERY/
+      items.sqlite        metadata, exact embedding and GSP weights grid per item (WAL)
+      current -> snapshots/<name>
+      snapshots/<name>/   manifest.json, index.faiss, ids.npy (ids the index holds)
+      writer.lock         flock held by the one process that has the gallery open for writing
+
+The SQLite database is the system of record (each add/remove is a transaction); the faiss index
+is derived from it and saved as an atomic snapshot. On open the index is reconciled with the
+database — items added after the last snapshot are inserted from their stored exact embeddings,
+removed ones dropped — so a kill at any moment, during a save included, leaves a loadable and
+consistent gallery that has lost at most the call in flight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from index.errors import (
+    GalleryCorruptError,
+    GalleryError,
+    GalleryLockedError,
+    GalleryReadOnlyError,
+)
+from index.manifest import Manifest, canonical_preprocessing, check_compatible, utc_now
+from index.metadata import ItemRecord, ItemRow, MetadataStore
+from index.snapshot import clean_stale, current_snapshot, write_snapshot
+from index.vectors import (
+    INDEX_TYPES,
+    LARGE_THRESHOLD,
+    RETRAIN_GROWTH,
+    VectorIndex,
+    resolve_index_type,
+)
+
+__all__ = ["AddResult", "Gallery", "ItemInput", "ItemRecord", "Manifest", "Match"]
+
+DATABASE = "items.sqlite"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+LOCK_FILE = "writer.lock"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NORM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """What the caller knows about an image being added."""
+
+    source: str
+    sha256: str
+    label: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """``ids[i]`` is the id of input ``i`` (the existing id when it was a duplicate);
+    ``duplicates`` lists the input positions whose sha256 was already indexed (or repeated
+    earlier in the same call) and so were not indexed again."""
+
+    ids: list[int]
+    duplicates: list[int] = field(default_factory=list)
+
+    @property
+    def added(self) -> int:
+        return len(self.ids) - len(self.duplicates)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One search hit; ``rank`` starts at 1, ``score`` is the cosine similarity."""
+
+    id: int
+    score: float
+    rank: int
+
+
+class Gallery:
+    """Create with :meth:`create`, load with :meth:`open`; one lock makes it thread-safe."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        store: MetadataStore,
+        vectors: VectorIndex,
+        *,
+        read_only: bool,
+        lock_fd: int | None,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.read_only = read_only
+        self._store = store
+        self._vectors = vectors
+        self._lock = threading.RLock()
+        self._lock_fd = lock_fd
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        model_fingerprint: str,
+        preprocessing: Any,
+        embedding_dim: int,
+        index_type: str = "auto",
+        large_threshold: int = LARGE_THRESHOLD,
+    ) -> Gallery:
+        """A new, empty gallery in ``directory`` (which must not exist or be empty).
+
+        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then IVF), ``flat`` or
+        ``ivf`` (IVF as soon as there are enough vectors to train it).
+        """
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
+        if embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        if not model_fingerprint:
+            raise ValueError("model_fingerprint must be a non-empty string")
+        path = Path(directory)
+        if path.exists() and any(path.iterdir()):
+            raise GalleryError(f"cannot create a gallery in {path}: the directory is not empty")
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = _acquire_writer_lock(path)
+        manifest = Manifest(
+            model_fingerprint=model_fingerprint,
+            preprocessing=canonical_preprocessing(preprocessing),
+            embedding_dim=int(embedding_dim),
+            index_type="flat",
+            index_params={"large_threshold": int(large_threshold)},
+            requested_index_type=index_type,
+        )
+        store = MetadataStore(path / DATABASE, create=True)
+        gallery = cls(
+            path,
+            manifest,
+            store,
+            VectorIndex.flat(embedding_dim),
+            read_only=False,
+            lock_fd=lock_fd,
+        )
+        gallery.save()
+        return gallery
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        expected_fingerprint: str | None = None,
+        expected_preprocessing: Any | None = None,
+        read_only: bool = False,
+    ) -> Gallery:
+        """Load a gallery, refusing one built by another model or preprocessing.
+
+        Raises :class:`GalleryNotFoundError`, :class:`GalleryCorruptError`,
+        :class:`GalleryMismatchError` (naming both fingerprints) or :class:`GalleryLockedError`.
+        """
+        path = Path(directory)
+        snapshot = current_snapshot(path)
+        manifest = Manifest.from_json(_read_text(snapshot / MANIFEST))
+        check_compatible(manifest, expected_fingerprint, expected_preprocessing)
+        lock_fd = None if read_only else _acquire_writer_lock(path)
+        try:
+            if not read_only:
+                clean_stale(path)
+            if not (path / DATABASE).is_file():
+                raise GalleryCorruptError(f"gallery {path}: {DATABASE} is missing")
+            store = MetadataStore(path / DATABASE, read_only=read_only)
+            try:
+                vectors = VectorIndex.read(
+                    snapshot / INDEX_FILE, manifest.index_type, manifest.index_params
+                )
+                indexed = np.load(snapshot / IDS_FILE)
+            except (RuntimeError, OSError, ValueError) as error:
+                store.close()
+                raise GalleryCorruptError(
+                    f"gallery {path}: cannot read the index: {error}"
+                ) from error
+        except BaseException:
+            _release_writer_lock(lock_fd)
+            raise
+        gallery = cls(path, manifest, store, vectors, read_only=read_only, lock_fd=lock_fd)
+        gallery._reconcile(indexed)
+        return gallery
+
+    def close(self) -> None:
+        """Release the database and the writer lock (does not save; call :meth:`save` first)."""
+        with self._lock:
+            self._store.close()
+            _release_writer_lock(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def search_device(self) -> str:
+        """``gpu`` when faiss sees a GPU (unfiltered searches run there), else ``cpu``."""
+        return "gpu" if self._vectors.on_gpu else "cpu"
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    # ------------------------------------------------------------------ writes
+    def add(
+        self,
+        embeddings: np.ndarray,
+        weights: Sequence[np.ndarray],
+        items: Sequence[ItemInput],
+        *,
+        on_duplicate: Literal["skip", "update"] = "skip",
+    ) -> AddResult:
+        """Index new images; an already-indexed sha256 is never indexed twice.
+
+        ``on_duplicate="skip"`` leaves the stored item untouched; ``"update"`` replaces its
+        source, label and extra with the new input's (the embedding is content-derived and kept).
+        """
+        self._check_writable()
+        if on_duplicate not in ("skip", "update"):
+            raise ValueError(f"on_duplicate must be 'skip' or 'update', got {on_duplicate!r}")
+        embeddings = self._validated_embeddings(embeddings, len(items))
+        if len(weights) != len(items):
+            raise ValueError(f"got {len(weights)} weight grids for {len(items)} items")
+        for position, item in enumerate(items):
+            if not _SHA256.match(item.sha256):
+                raise ValueError(f"item {position}: sha256 must be 64 lowercase hex digits")
+            if np.asarray(weights[position]).ndim != 2:
+                raise ValueError(f"item {position}: weights must be a 2-D (h, w) grid")
+        with self._lock:
+            existing = self._store.find_sha256([item.sha256 for item in items])
+            first_seen: dict[str, int] = {}
+            new_positions, duplicates, updates = [], [], []
+            for position, item in enumerate(items):
+                if item.sha256 in existing or item.sha256 in first_seen:
+                    duplicates.append(position)
+                    if item.sha256 in existing and on_duplicate == "update":
+                        updates.append(
+                            (existing[item.sha256], item.source, item.label, item.extra or {})
+                        )
+                else:
+                    first_seen[item.sha256] = position
+                    new_positions.append(position)
+            now = utc_now()
+            rows = [
+                ItemRow(
+                    source=items[p].source,
+                    sha256=items[p].sha256,
+                    label=items[p].label,
+                    added_at=now,
+                    extra=dict(items[p].extra or {}),
+                    embedding=embeddings[p],
+                    weights=np.asarray(weights[p]),
+                )
+                for p in new_positions
+            ]
+            new_ids = self._store.insert(rows)
+            if updates:
+                self._store.update_metadata(updates)
+            self._vectors.add(np.asarray(new_ids, np.int64), embeddings[new_positions])
+            self.manifest.count += len(new_ids)
+            self._maybe_rebuild()
+            id_of = dict(existing)
+            id_of.update(zip((items[p].sha256 for p in new_positions), new_ids, strict=True))
+            return AddResult(ids=[id_of[item.sha256] for item in items], duplicates=duplicates)
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Delete items by id; returns how many existed. Ids are never reused."""
+        self._check_writable()
+        with self._lock:
+            removed = self._store.delete(list(ids))
+            self._vectors.remove(np.asarray(removed, np.int64))
+            self.manifest.count -= len(removed)
+            return len(removed)
+
+    def save(self) -> None:
+        """Write the index and manifest as a new snapshot, atomically; the database is current."""
+        self._check_writable()
+        with self._lock:
+            self.manifest.updated_at = utc_now()
+            self._store.checkpoint()
+            ids = self._store.ids()
+
+            def write(tmp: Path) -> None:
+                self._vectors.write(tmp / INDEX_FILE)
+                np.save(tmp / IDS_FILE, ids)
+                (tmp / MANIFEST).write_text(self.manifest.to_json(), encoding="utf-8")
+
+            write_snapshot(self.directory, write)
+
+    # ------------------------------------------------------------------ reads
+    def search(self, queries: np.ndarray, k: int, label: str | None = None) -> list[list[Match]]:
+        """The ``k`` best matches per query row; with ``label``, only items of that label
+        (still ``k`` results whenever the label has at least ``k`` items)."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        queries = self._validated_embeddings(np.atleast_2d(queries), None)
+        with self._lock:
+            allowed = None
+            if label is not None:
+                allowed = self._store.ids(label)
+                if not len(allowed):
+                    return [[] for _ in range(len(queries))]
+            if self._vectors.ntotal == 0:
+                return [[] for _ in range(len(queries))]
+            scores, ids = self._vectors.search(queries, k, allowed)
+        return [
+            _matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores, strict=True)
+        ]
+
+    def get(self, item_id: int) -> ItemRecord | None:
+        with self._lock:
+            return self._store.records([item_id]).get(int(item_id))
+
+    def get_many(self, ids: Sequence[int]) -> list[ItemRecord]:
+        """Records in the order of ``ids``; unknown ids are left out."""
+        with self._lock:
+            found = self._store.records(list(ids))
+        return [found[int(i)] for i in ids if int(i) in found]
+
+    def embedding(self, item_id: int) -> np.ndarray | None:
+        """The exact stored embedding (not reconstructed from the index)."""
+        with self._lock:
+            return self._store.embeddings([item_id], self.manifest.embedding_dim).get(int(item_id))
+
+    def find_sha256(self, sha256: str) -> int | None:
+        with self._lock:
+            return self._store.find_sha256([sha256]).get(sha256)
+
+    def known_sha256(self) -> set[str]:
+        """Every indexed content hash (the bulk job's resume check)."""
+        with self._lock:
+            return self._store.all_sha256()
+
+    def labels(self) -> dict[str | None, int]:
+        """Item count per label (``None`` for unlabelled items)."""
+        with self._lock:
+            return self._store.labels()
+
+    # ------------------------------------------------------------------ internals
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise GalleryReadOnlyError(f"gallery {self.directory} is open read-only")
+
+    def _validated_embeddings(self, embeddings: np.ndarray, count: int | None) -> np.ndarray:
+        array = np.asarray(embeddings, dtype=np.float32)
+        dim = self.manifest.embedding_dim
+        if array.ndim != 2 or array.shape[1] != dim:
+            raise ValueError(f"embeddings must have shape (n, {dim}), got {array.shape}")
+        if count is not None and len(array) != count:
+            raise ValueError(f"got {len(array)} embeddings for {count} items")
+        if not np.isfinite(array).all():
+            raise ValueError("embeddings contain NaN or infinity")
+        norms = np.linalg.norm(array, axis=1)
+        if len(array) and np.abs(norms - 1.0).max() > _NORM_TOLERANCE:
+            raise ValueError("embeddings must be L2-normalised (the index uses inner product)")
+        return np.ascontiguousarray(array)
+
+    def _reconcile(self, indexed: np.ndarray) -> None:
+        """Bring the loaded index in line with the database after a crash or an unsaved session."""
+        stored = self._store.ids()
+        missing = np.setdiff1d(stored, indexed, assume_unique=True)
+        extra = np.setdiff1d(indexed, stored, assume_unique=True)
+        self._vectors.remove(extra)
+        dim = self.manifest.embedding_dim
+        for ids, vectors in self._store.iter_embeddings(dim, ids=missing):
+            self._vectors.add(ids, vectors)
+        self.manifest.count = len(stored)
+        if self._vectors.ntotal != len(stored):
+            raise GalleryCorruptError(
+                f"gallery {self.directory}: index holds {self._vectors.ntotal} vectors but the "
+                f"database {len(stored)} items"
+            )
+        self._maybe_rebuild()
+
+    def _maybe_rebuild(self) -> None:
+        """Switch index type (or retrain IVF) when the gallery has outgrown the current one."""
+        count = self.manifest.count
+        threshold = int(self.manifest.index_params.get("large_threshold", LARGE_THRESHOLD))
+        current = self._vectors.index_type
+        if current == "ivf":
+            # Never back to flat after removals (no flapping); retrain once grown well past.
+            trained_on = int(self.manifest.index_params.get("trained_on", 1))
+            if count >= RETRAIN_GROWTH * trained_on:
+                self._rebuild("ivf")
+            return
+        wanted = resolve_index_type(self.manifest.requested_index_type, count, threshold)
+        if wanted != current:
+            self._rebuild(wanted)
+
+    def _rebuild(self, index_type: str) -> None:
+        """Rebuild the index from the stored exact embeddings, streaming them from SQLite."""
+        dim = self.manifest.embedding_dim
+        count = self.manifest.count
+        sample = None
+        if index_type == "ivf":
+            ids = self._store.ids()
+            size = VectorIndex.training_size(count)
+            chosen = np.sort(np.random.default_rng(0).choice(ids, size=size, replace=False))
+            sample = np.concatenate([v for _, v in self._store.iter_embeddings(dim, ids=chosen)])
+        rebuilt = VectorIndex.build(
+            index_type, dim, count, sample, self._store.iter_embeddings(dim)
+        )
+        self._vectors = rebuilt
+        threshold = self.manifest.index_params.get("large_threshold", LARGE_THRESHOLD)
+        self.manifest.index_type = index_type
+        self.manifest.index_params = {"large_threshold": threshold, **rebuilt.params}
+
+
+def _matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:
+    """One query's hits, dropping faiss's ``-1`` padding when fewer than ``k`` exist."""
+    found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
+    return [Match(id=i, score=s, rank=rank) for rank, (i, s) in enumerate(found, 1)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise GalleryCorruptError(f"cannot read {path}: {error}") from error
+
+
+def _acquire_writer_lock(directory: Path) -> int:
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        os.close(fd)
+        raise GalleryLockedError(
+            f"gallery {directory} is open for writing by another process; open it read_only=True"
+        ) from error
+    return fd
+
+
+def _release_writer_lock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,260 @@
+"""The gallery store: round trip, upsert, id stability, crash safety, refusal, filtering, types."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.errors import (
+    GalleryLockedError,
+    GalleryMismatchError,
+    GalleryNotFoundError,
+    GalleryReadOnlyError,
+)
+from index.gallery import Gallery, ItemInput
+
+DIM = 16
+PREPROCESSING = {"image_size": 64, "resize_size": 72, "mean": [0.5] * 3, "std": [0.25] * 3}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def items(start: int, stop: int, label_of=lambda i: None) -> list[ItemInput]:
+    return [
+        ItemInput(f"img/{i}.jpg", hashlib.sha256(f"{i}".encode()).hexdigest(), label_of(i))
+        for i in range(start, stop)
+    ]
+
+
+def grids(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.random((7, 7)).astype(np.float32) for _ in range(n)]
+
+
+def create(path: Path, **kwargs) -> Gallery:
+    return Gallery.create(
+        path, model_fingerprint="fp-a", preprocessing=PREPROCESSING, embedding_dim=DIM, **kwargs
+    )
+
+
+def test_round_trip_through_save_and_reopen(tmp_path: Path) -> None:
+    vectors, weights = unit_vectors(50), grids(50)
+    with create(tmp_path / "g") as gallery:
+        result = gallery.add(vectors, weights, items(0, 50, lambda i: "even" if i % 2 else "odd"))
+        gallery.save()
+    assert result.added == 50 and result.duplicates == []
+    with Gallery.open(tmp_path / "g", expected_fingerprint="fp-a") as gallery:
+        assert len(gallery) == 50
+        hits = gallery.search(vectors[:5], k=3)
+        assert [row[0].id for row in hits] == result.ids[:5]
+        assert all(row[0].rank == 1 for row in hits)
+        assert all(row[0].score == pytest.approx(1.0, abs=1e-5) for row in hits)
+        record = gallery.get(result.ids[7])
+        assert record.source == "img/7.jpg" and record.label == "even"
+        np.testing.assert_allclose(record.weights, weights[7], atol=1e-3)  # float16 storage
+        np.testing.assert_array_equal(gallery.embedding(result.ids[7]), vectors[7])
+        assert gallery.find_sha256(items(7, 8)[0].sha256) == result.ids[7]
+        assert [r.id for r in gallery.get_many([result.ids[3], 10**9, result.ids[1]])] == [
+            result.ids[3],
+            result.ids[1],
+        ]
+        assert gallery.manifest.model_fingerprint == "fp-a"
+        assert gallery.manifest.count == 50
+
+
+def test_duplicates_are_skipped_or_updated_never_indexed_twice(tmp_path: Path) -> None:
+    with create(tmp_path / "g") as gallery:
+        first = gallery.add(unit_vectors(3), grids(3), items(0, 3))
+        batch = [*items(2, 4), items(3, 4)[0]]  # 2 is known, 3 repeats within the call
+        second = gallery.add(unit_vectors(3, seed=2), grids(3), batch)
+        assert second.duplicates == [0, 2]
+        assert second.ids[0] == first.ids[2] and second.ids[1] == second.ids[2]
+        assert len(gallery) == 4
+        renamed = ItemInput("moved/2.jpg", batch[0].sha256, "cat", {"note": 1})
+        gallery.add(unit_vectors(1, seed=3), grids(1), [renamed])
+        assert gallery.get(first.ids[2]).source == "img/2.jpg"  # skip leaves it alone
+        gallery.add(unit_vectors(1, seed=3), grids(1), [renamed], on_duplicate="update")
+        record = gallery.get(first.ids[2])
+        assert (record.source, record.label, record.extra) == ("moved/2.jpg", "cat", {"note": 1})
+        np.testing.assert_array_equal(gallery.embedding(first.ids[2]), unit_vectors(3)[2])
+        assert len(gallery) == 4
+
+
+def test_ids_are_stable_and_never_reused_across_removes_and_saves(tmp_path: Path) -> None:
+    vectors = unit_vectors(10)
+    with create(tmp_path / "g") as gallery:
+        ids = gallery.add(vectors, grids(10), items(0, 10)).ids
+        assert gallery.remove([ids[-1], ids[2], 10**9]) == 2
+        gallery.save()
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert gallery.get(ids[2]) is None and gallery.embedding(ids[2]) is None
+        assert gallery.search(vectors[4:5], k=1)[0][0].id == ids[4]
+        new_id = gallery.add(unit_vectors(1, seed=9), grids(1), items(20, 21)).ids[0]
+        assert new_id > max(ids)
+        # Unsaved changes are in the database; reopening reconciles the index with them.
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert len(gallery) == 9
+        assert gallery.search(unit_vectors(1, seed=9), k=1)[0][0].id == new_id
+        assert all(m.id != ids[2] for m in gallery.search(vectors[2:3], k=9)[0])
+
+
+def test_refuses_a_gallery_from_another_model_or_preprocessing(tmp_path: Path) -> None:
+    create(tmp_path / "g").close()
+    with pytest.raises(GalleryMismatchError) as error:
+        Gallery.open(tmp_path / "g", expected_fingerprint="fp-b")
+    assert "fp-a" in str(error.value) and "fp-b" in str(error.value)
+    other = {**PREPROCESSING, "image_size": 224}
+    with pytest.raises(GalleryMismatchError, match="preprocessing"):
+        Gallery.open(tmp_path / "g", expected_fingerprint="fp-a", expected_preprocessing=other)
+    with pytest.raises(GalleryNotFoundError):
+        Gallery.open(tmp_path / "missing")
+
+
+def test_one_writer_many_readers(tmp_path: Path) -> None:
+    with create(tmp_path / "g") as writer:
+        writer.add(unit_vectors(4), grids(4), items(0, 4))
+        with pytest.raises(GalleryLockedError):
+            Gallery.open(tmp_path / "g")
+        with Gallery.open(tmp_path / "g", read_only=True) as reader:
+            assert len(reader) == 4
+            with pytest.raises(GalleryReadOnlyError):
+                reader.remove([1])
+
+
+def test_bad_input_is_rejected_with_a_clear_error(tmp_path: Path) -> None:
+    with create(tmp_path / "g") as gallery:
+        with pytest.raises(ValueError, match="shape"):
+            gallery.add(unit_vectors(2)[:, :8], grids(2), items(0, 2))
+        with pytest.raises(ValueError, match="L2-normalised"):
+            gallery.add(unit_vectors(2) * 2, grids(2), items(0, 2))
+        with pytest.raises(ValueError, match="sha256"):
+            gallery.add(unit_vectors(1), grids(1), [ItemInput("x", "not-a-hash")])
+        with pytest.raises(ValueError, match="k must be positive"):
+            gallery.search(unit_vectors(1), k=0)
+        assert len(gallery) == 0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_label_filter_returns_k_results_of_a_rare_label(tmp_path: Path, index_type: str) -> None:
+    vectors = unit_vectors(3000)
+    with create(tmp_path / "g", index_type=index_type) as gallery:
+        gallery.add(vectors, grids(3000), items(0, 3000, lambda i: "rare" if i % 250 == 0 else "x"))
+        assert gallery.manifest.index_type == index_type
+        rare = {r.id for r in gallery.get_many(range(1, 3001)) if r.label == "rare"}
+        hits = gallery.search(vectors[:20], k=10, label="rare")
+        assert all(len(row) == 10 and {m.id for m in row} <= rare for row in hits)
+        scores = [m.score for m in hits[0]]
+        assert scores == sorted(scores, reverse=True)
+        assert gallery.search(vectors[:1], k=20, label="rare")[0].__len__() == len(rare)
+        assert gallery.search(vectors[:1], k=3, label="absent") == [[]]
+
+
+def test_auto_index_switches_to_ivf_past_the_threshold(tmp_path: Path) -> None:
+    vectors = unit_vectors(2500)
+    with create(tmp_path / "g", large_threshold=2000) as gallery:
+        gallery.add(vectors[:1500], grids(1500), items(0, 1500))
+        assert gallery.manifest.index_type == "flat"
+        gallery.add(vectors[1500:], grids(1000), items(1500, 2500))
+        assert gallery.manifest.index_type == "ivf"
+        assert gallery.manifest.index_params["nlist"] > 1
+        hits = gallery.search(vectors[::50], k=1)
+        assert [row[0].id for row in hits] == list(range(1, 2501, 50))
+        gallery.remove(list(range(1, 1001)))  # shrinking does not flap back to flat
+        gallery.save()
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert gallery.manifest.index_type == "ivf" and len(gallery) == 1500
+
+
+_SAVER = """
+import hashlib, sys, numpy as np
+from index.gallery import Gallery, ItemInput
+gallery = Gallery.open(sys.argv[1])
+rng = np.random.default_rng(5)
+for step in range(10**6):
+    x = rng.standard_normal((1, {dim})).astype(np.float32)
+    x /= np.linalg.norm(x)
+    sha = hashlib.sha256(f"loop-{{step}}".encode()).hexdigest()
+    gallery.add(x, [np.zeros((7, 7))], [ItemInput("loop", sha)])
+    print("saving", flush=True)
+    gallery.save()
+"""
+
+
+def test_a_kill_during_save_leaves_a_loadable_consistent_gallery(tmp_path: Path) -> None:
+    n = 60_000  # big enough that writing the index dominates the loop
+    with create(tmp_path / "g") as gallery:
+        gallery.add(unit_vectors(n), [np.zeros((2, 2))] * n, items(0, n))
+        gallery.save()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for delay in (0.0, 0.05, 0.13):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SAVER.format(dim=DIM), str(tmp_path / "g")],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(2):
+            assert process.stdout.readline() == b"saving\n"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        with Gallery.open(tmp_path / "g") as gallery:
+            assert len(gallery) >= n + 1
+            assert gallery.search(unit_vectors(3), k=1)[0][0].id == 1
+            probe = gallery.embedding(len(gallery))
+            assert gallery.search(probe[None], k=1)[0][0].id == len(gallery)
+        leftovers = [p.name for p in (tmp_path / "g" / "snapshots").iterdir()]
+        assert not [name for name in leftovers if name.startswith(".tmp-")]
+        assert len(leftovers) <= 3
+
+
+def test_searches_from_threads_while_one_thread_writes(tmp_path: Path) -> None:
+    import threading
+
+    vectors = unit_vectors(400)
+    with create(tmp_path / "g") as gallery:
+        gallery.add(vectors[:200], grids(200), items(0, 200))
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for row in range(50):
+                    hits = gallery.search(vectors[row : row + 1], k=1)[0]
+                    assert hits[0].id == row + 1
+            except BaseException as error:
+                errors.append(error)
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for thread in readers:
+            thread.start()
+        for start in range(200, 400, 20):
+            gallery.add(vectors[start : start + 20], grids(20), items(start, start + 20))
+        for thread in readers:
+            thread.join()
+        assert errors == [] and len(gallery) == 400
+
+
+@pytest.mark.gpu
+def test_gpu_search_matches_exact_search(tmp_path: Path) -> None:
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("faiss is the CPU build; install faiss-gpu to search on the GPU")
+    vectors = unit_vectors(5000)
+    with create(tmp_path / "g") as gallery:
+        gallery.add(vectors, grids(5000), items(0, 5000))
+        hits = gallery.search(vectors[:50], k=10)
+        assert gallery.search_device == "gpu"
+    exact = np.argsort(-(vectors[:50] @ vectors.T), axis=1)[:, :10] + 1
+    assert [[m.id for m in row] for row in hits] == exact.tolist()

@@ -1,0 +1,163 @@
+"""``gsp index`` end to end through ``app.cli.main``: build, info, search, add, remove."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from app.heatmap import overlay_heatmap
+from index.gallery import Gallery
+from tests.test_index_build import checkpoint, write_images
+
+__all__ = ["checkpoint"]  # the fixture, shared with the build tests
+
+
+def test_build_info_search_add_remove(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    write_images(images / "a", range(4))
+    write_images(images / "b", range(4, 7))
+    gallery = tmp_path / "g"
+    common = ["--checkpoint", str(checkpoint), "--workers", "0", "--no-progress"]
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--images",
+                str(images),
+                "--out",
+                str(gallery),
+                "--labels-from-subfolders",
+                "--batch-size",
+                "4",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "7 indexed" in capsys.readouterr().out
+
+    assert main(["index", "info", str(gallery), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["items"] == 7 and info["labels"] == {"a": 4, "b": 3}
+    assert info["index_type"] == "flat" and info["embedding_dim"] == 32
+    assert (
+        info["model_fingerprint"]
+        == Gallery.open(gallery, read_only=True).manifest.model_fingerprint
+    )
+    assert info["total_bytes"] > 0 and "items.sqlite" in info["bytes_on_disk"]
+
+    query = images / "b" / "0005.jpg"
+    sheet = tmp_path / "sheet.png"
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(gallery),
+                str(query),
+                "--checkpoint",
+                str(checkpoint),
+                "-k",
+                "3",
+                "--contact-sheet",
+                str(sheet),
+            ]
+        )
+        == 0
+    )
+    rows = capsys.readouterr().out.splitlines()
+    first = rows[1].split()
+    assert (
+        first[0] == "1"
+        and first[-1] == str(query)
+        and float(first[1]) == pytest.approx(1, abs=1e-4)
+    )
+    assert len([r for r in rows if r.split()[:1] in (["1"], ["2"], ["3"])]) == 3
+    with Image.open(sheet) as picture:
+        assert picture.size[0] == 4 * 160  # query and three matches in one row
+
+    extra = write_images(tmp_path / "extra", range(7, 9))
+    assert (
+        main(
+            [
+                "index",
+                "add",
+                str(gallery),
+                *map(str, extra),
+                str(images / "a" / "0000.jpg"),
+                "--label",
+                "new",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "2 indexed, 1 already in the gallery" in capsys.readouterr().out
+    assert main(["index", "remove", str(gallery), "1", "2", "999"]) == 0
+    assert "removed 2 of 3 ids; gallery holds 7 items" in capsys.readouterr().out
+    with Gallery.open(gallery, read_only=True) as reopened:
+        assert reopened.get(1) is None and reopened.labels()["new"] == 2
+
+
+def test_errors_are_reported_not_raised(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["index", "info", str(tmp_path / "nowhere")]) == 1
+    assert "no gallery" in capsys.readouterr().err
+    Gallery.create(
+        tmp_path / "g",
+        model_fingerprint="someone-else",
+        preprocessing={"image_size": 64},
+        embedding_dim=32,
+    ).close()
+    write_images(tmp_path / "q", range(1))
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(tmp_path / "g"),
+                str(tmp_path / "q" / "0000.jpg"),
+                "--checkpoint",
+                str(checkpoint),
+            ]
+        )
+        == 1
+    )
+    assert "someone-else" in capsys.readouterr().err
+    (tmp_path / "bad.jpg").write_text("not an image")
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(tmp_path / "g"),
+                str(tmp_path / "bad.jpg"),
+                "--checkpoint",
+                str(checkpoint),
+            ]
+        )
+        == 1
+    )
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_overlay_heatmap_marks_where_the_weights_are() -> None:
+    image = Image.new("RGB", (70, 70), (255, 255, 255))
+    weights = np.zeros((7, 7), dtype=np.float32)
+    weights[0, 0] = 3.0
+    blended = np.asarray(overlay_heatmap(image, weights, opacity=0.5)).astype(int)
+    assert blended.shape == (70, 70, 3)
+    hot, cold = blended[2, 2], blended[-3, -3]
+    assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where the weight is, blue elsewhere
+    assert (np.asarray(overlay_heatmap(image, weights, opacity=0.0)) == 255).all()
+    with pytest.raises(ValueError, match="2-D"):
+        overlay_heatmap(image, np.zeros(3))
