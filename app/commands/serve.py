@@ -1,0 +1,68 @@
+"""``gsp serve``: run the retrieval web service (API, metrics and the search page)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a gallery over HTTP (search API, web page, metrics)",
+        description="Serve a gallery over HTTP. Every option can also be set as a GSP_* "
+        "environment variable (or in .env); options given here win.",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (GSP_CHECKPOINT)")
+    parser.add_argument("--gallery", type=Path, help="gallery directory (GSP_GALLERY)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="GSP_DEVICE")
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        action="append",
+        dest="image_roots",
+        help="directory gallery images may be served from (repeatable)",
+    )
+    parser.add_argument("--no-batching", action="store_true", help="run every query alone")
+    parser.add_argument("--batch-max-size", type=int, help="GSP_BATCH_MAX_SIZE")
+    parser.add_argument("--batch-max-wait-ms", type=float, help="GSP_BATCH_MAX_WAIT_MS")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.service.inference import StartupError
+    from app.service.main import create_app
+    from app.service.settings import Settings
+
+    overrides = {
+        "checkpoint": args.checkpoint,
+        "gallery": args.gallery,
+        "device": args.device,
+        "image_roots": args.image_roots,
+        "batch_max_size": args.batch_max_size,
+        "batch_max_wait_ms": args.batch_max_wait_ms,
+        "batching": False if args.no_batching else None,
+    }
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+        app = create_app(settings)
+    except ValidationError as error:
+        print(f"gsp serve: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    except StartupError as error:
+        print(f"gsp serve: cannot start: {error}", file=sys.stderr)
+        return 1
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"Serving on http://{host}:{args.port}/ (API docs: http://{host}:{args.port}/docs)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,99 @@
+"""The model side of the service: one network per device behind a micro-batcher.
+
+Images are turned into tensors on the request's thread (``prepare``); the batcher stacks them
+and runs one forward pass on its single worker thread (``embed_tensors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.service.batching import MicroBatcher
+from model.checkpoint import load_checkpoint
+from model.transforms import eval_transform
+
+__all__ = ["Embedded", "InferenceEngine", "StartupError", "resolve_device"]
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the message says what is missing or mismatched."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    embedding: np.ndarray  # (d,) float32, L2-normalised
+    weights: np.ndarray  # (h, w) float32 pooling weights: the heatmap
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a startup error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StartupError("device 'cuda' was requested but CUDA is not available")
+    return torch.device(name)
+
+
+class InferenceEngine:
+    """A loaded checkpoint, its eval transform, and the batcher that feeds it."""
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: torch.device,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if not checkpoint.is_dir():
+            raise StartupError(f"checkpoint directory not found: {checkpoint}")
+        try:
+            loaded = load_checkpoint(checkpoint, device=str(device))
+        except Exception as error:  # any load failure must stop startup with its reason
+            raise StartupError(f"cannot load checkpoint {checkpoint}: {error}") from error
+        self.device = device
+        self.net = loaded.net.eval()
+        self.config = loaded.config
+        self.fingerprint: str = loaded.fingerprint
+        self.preprocessing = loaded.config.preprocessing
+        self.embedding_dim: int = loaded.config.embedding_dim
+        self._transform = eval_transform(self.preprocessing)
+        # The network sees a centred square crop; heatmaps must be drawn over that square only.
+        self.crop_fraction = min(
+            1.0, self.preprocessing.image_size / self.preprocessing.resize_size
+        )
+        self.batcher: MicroBatcher[torch.Tensor, Embedded] = MicroBatcher(
+            self.embed_tensors,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            name=f"model-{device.type}",
+            on_batch=on_batch,
+        )
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The network input ``(3, S, S)`` for one RGB image (CPU tensor)."""
+        return self._transform(image)
+
+    @torch.inference_mode()
+    def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:
+        """One forward pass over a batch; runs on the batcher's worker thread."""
+        batch = torch.stack(list(tensors)).to(self.device, non_blocking=True)
+        output = self.net(batch)
+        embeddings = output.embedding.float().cpu().numpy()
+        weights = output.weights.float().cpu().numpy()
+        return [Embedded(embeddings[i], weights[i]) for i in range(len(tensors))]
+
+    def embed_images(self, images: Sequence[Image.Image]) -> list[Embedded]:
+        """Synchronous embedding without the batcher (benchmarks, offline use)."""
+        return self.embed_tensors([self.prepare(image) for image in images])
+
+    async def embed(self, tensor: torch.Tensor) -> Embedded:
+        """Embed one prepared tensor through the micro-batcher."""
+        return await self.batcher.submit(tensor)

@@ -1,0 +1,197 @@
+"""The application factory: load model and gallery (fail fast), wire routes, logs and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from app.service.api import ApiError, build_router
+from app.service.batching import BatcherClosed
+from app.service.images import ImageRejected, treat_decompression_bombs_as_errors
+from app.service.inference import InferenceEngine, resolve_device
+from app.service.logging import configure_logging
+from app.service.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from app.service.middleware import AccessMiddleware
+from app.service.schemas import ErrorResponse, Health, Readiness
+from app.service.settings import Settings
+from app.service.state import ServiceState
+from app.service.store import GalleryStore
+
+if TYPE_CHECKING:
+    from index.gallery import Gallery
+
+__all__ = ["create_app"]
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+_service_log = logging.getLogger("gsp.service")
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse(ErrorResponse(detail=detail, code=code).model_dump(), status_code=status)
+
+
+def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
+    manifest = gallery.manifest
+    return {
+        "directory": str(store.directory),
+        "model_fingerprint": str(manifest.model_fingerprint),
+        "index_type": str(manifest.index_type),
+        "embedding_dim": str(manifest.embedding_dim),
+    }
+
+
+def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
+    engine = InferenceEngine(
+        settings.checkpoint,
+        resolve_device(settings.device),
+        max_batch_size=settings.effective_batch_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        on_batch=metrics.observe_batch,
+    )
+    store = GalleryStore(
+        settings.gallery,
+        model_fingerprint=engine.fingerprint,
+        preprocessing=engine.preprocessing.to_dict(),
+        image_roots=settings.image_roots,
+        read_only=settings.gallery_read_only,
+    )
+
+    def on_change(gallery: Gallery) -> None:
+        """Runs on the gallery thread whenever another gallery is swapped in."""
+        metrics.gallery_items.set(len(gallery))
+        metrics.gallery_info.info(_gallery_info(store, gallery))
+
+    store.on_change = on_change
+    metrics.model_info.info(
+        {
+            "fingerprint": engine.fingerprint,
+            "device": str(engine.device),
+            "checkpoint": str(settings.checkpoint),
+        }
+    )
+    store.call(on_change)
+    return ServiceState(settings=settings, engine=engine, store=store, metrics=metrics)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the service; raises :class:`~app.service.inference.StartupError` when the
+    checkpoint or gallery is missing, unreadable or made by a different model."""
+    configure_logging()
+    treat_decompression_bombs_as_errors()
+    metrics = ServiceMetrics()
+    state = _load(settings, metrics)
+
+    async def reload_on_sighup() -> None:
+        try:
+            result = await state.store.reload()
+        except Exception as error:  # keep serving the old gallery; say why in the log
+            _service_log.error("gallery reload on SIGHUP failed: %s", error)
+            return
+        _service_log.info(
+            "gallery reloaded on SIGHUP: %d -> %d items", result.previous_count, result.count
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.batcher.start()
+        loop = asyncio.get_running_loop()
+        sighup = False
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_on_sighup()))
+            sighup = True
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+            _service_log.info("SIGHUP reload unavailable (not on the main thread)")
+        try:
+            yield
+        finally:
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await state.engine.batcher.stop()
+            state.store.close()
+
+    app = FastAPI(
+        title="GSP image retrieval",
+        version="1",
+        description="Search an image gallery with Generalized Sum Pooling embeddings; every "
+        "result comes with the pooling-weight heatmaps that explain it.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(
+        AccessMiddleware,
+        metrics=metrics,
+        body_limit=settings.max_upload_bytes * settings.max_add_images + 1024 * 1024,
+    )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error(error.status, error.code, error.detail)
+
+    @app.exception_handler(ImageRejected)
+    async def image_rejected(request: Request, error: ImageRejected) -> JSONResponse:
+        return _error(error.status, error.code, error.message)
+
+    @app.exception_handler(BatcherClosed)
+    async def batcher_closed(request: Request, error: BatcherClosed) -> JSONResponse:
+        return _error(503, "unavailable", str(error))
+
+    app.include_router(build_router(settings))
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": ErrorResponse}},
+        tags=["operations"],
+        summary="Readiness: model loaded, inference worker running, gallery open",
+    )
+    async def readyz() -> Readiness:
+        if not state.engine.batcher.running:
+            raise ApiError(503, "not_ready", "the inference worker is not running")
+        size = await state.store.run(len)
+        return Readiness(
+            status="ready",
+            model_fingerprint=state.engine.fingerprint,
+            device=str(state.engine.device),
+            gallery_size=size,
+            batching=settings.batching,
+            batch_max_size=settings.effective_batch_size,
+        )
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        tags=["operations"],
+        summary="Prometheus metrics",
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,73 @@
+"""Prometheus metrics of one application instance (its own registry, so apps never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServiceMetrics:
+    """Request, stage, batching and gallery metrics; ``render()`` gives the exposition text."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gsp_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gsp_http_request_duration_seconds",
+            "HTTP request latency by route template and status",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "gsp_stage_duration_seconds",
+            "Time spent per request stage (decode, embed, search)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "gsp_batch_size",
+            "Images per forward pass of the micro-batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "gsp_batch_duration_seconds",
+            "Duration of one batched forward pass",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.gallery_items = Gauge(
+            "gsp_gallery_items", "Items in the served gallery", registry=self.registry
+        )
+        self.model_info = Info("gsp_model", "The served model", registry=self.registry)
+        self.gallery_info = Info("gsp_gallery", "The served gallery", registry=self.registry)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

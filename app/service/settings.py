@@ -1,0 +1,71 @@
+"""Service settings, read from ``GSP_*`` environment variables or an optional ``.env`` file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _split_list(value: object) -> object:
+    """Accept ``a,b,c`` as well as a JSON list, so that env variables stay easy to write."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to start; every field maps to ``GSP_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="GSP_", env_file=".env", extra="ignore")
+
+    checkpoint: Path = Field(description="checkpoint directory (model.safetensors + config.json)")
+    gallery: Path = Field(description="gallery directory built with the same checkpoint")
+    gallery_read_only: bool = Field(
+        default=False,
+        description="open the gallery read-only: no API writes, and an indexer may update the "
+        "same directory in place (then SIGHUP or reload-gallery to pick it up)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0, description="decoded width x height limit")
+    max_k: int = Field(default=100, ge=1, le=10_000)
+    default_k: int = Field(default=10, ge=1)
+    max_add_images: int = Field(default=64, ge=1, description="images per POST /v1/gallery")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="extra directories whose files gallery items may be served from",
+    )
+    batching: bool = True
+    batch_max_size: int = Field(default=16, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    thumbnail_size: int = Field(default=256, ge=16, le=2048)
+
+    @field_validator("api_keys", "cors_origins", "image_roots", mode="before")
+    @classmethod
+    def _lists_from_text(cls, value: object) -> object:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _check_k(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Batching off means every query runs alone."""
+        return self.batch_max_size if self.batching else 1
+
+    def api_key_values(self) -> frozenset[str]:
+        return frozenset(key.get_secret_value() for key in self.api_keys)

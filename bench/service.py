@@ -1,0 +1,342 @@
+"""Load-test the retrieval service on loopback, side by side with the in-process pipeline.
+
+Starts ``gsp serve`` twice (micro-batching on, then off) on free loopback ports, drives each with
+an httpx async client at concurrency 1, 8 and 32 (bounded by a request count and a time budget),
+and prints p50/p95/p99 latency, throughput and errors. In the same run it times the in-process
+model-plus-search path (the engine and gallery without HTTP) for the same query image.
+
+Targets: concurrency 1 p50 <= 1.25x in-process; concurrency 32 throughput with batching >= 1.5x
+without; zero errors. Without --checkpoint/--gallery a throwaway GSP checkpoint (resnet50 with
+random weights by default) and a gallery of drawn images are built under a temporary directory.
+
+    .venv/bin/python bench/service.py [--device cpu|cuda] [--backbone resnet50] [--image-size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    server_ms: dict[str, list[float]]  # the service's own stage timings, per request
+
+    def server_median(self, stage: str) -> float:
+        values = self.server_ms.get(stage, [])
+        return statistics.median(values) if values else float("nan")
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
+
+
+def drawn(seed: int, size: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+        x1, y1 = x0 + int(rng.integers(8, size // 2)), y0 + int(rng.integers(8, size // 2))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def build_assets(
+    root: Path, backbone: str, image_size: int, gallery_size: int
+) -> tuple[Path, Path]:
+    """A random-weight GSP checkpoint and a gallery of drawn images (speed needs no training)."""
+    from index.gallery import Gallery, ItemInput
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.config import ModelConfig, Preprocessing
+    from model.net import build_embedding_net
+    from model.transforms import eval_transform
+
+    config = ModelConfig(
+        backbone=backbone,
+        pretrained=False,
+        embedding_dim=512,
+        preprocessing=Preprocessing(image_size=image_size, resize_size=round(image_size * 8 / 7)),
+    )
+    torch.manual_seed(0)
+    checkpoint = root / "checkpoint"
+    save_checkpoint(checkpoint, build_embedding_net(config).eval(), config)
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    transform = eval_transform(loaded.config.preprocessing)
+    images_dir = root / "images"
+    images_dir.mkdir()
+    gallery = Gallery.create(
+        root / "gallery",
+        model_fingerprint=loaded.fingerprint,
+        preprocessing=loaded.config.preprocessing.to_dict(),
+        embedding_dim=loaded.config.embedding_dim,
+    )
+    batch = 32
+    for start in tqdm(range(0, gallery_size, batch), desc="building gallery", unit="batch"):
+        items, tensors = [], []
+        for index in range(start, min(start + batch, gallery_size)):
+            path = images_dir / f"{index:05d}.png"
+            drawn(index, image_size + 32).save(path)
+            items.append(
+                ItemInput(source=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            )
+            tensors.append(transform(Image.open(path)))
+        with torch.inference_mode():
+            out = loaded.net(torch.stack(tensors))
+        gallery.add(out.embedding.numpy(), list(out.weights.numpy()), items)
+    gallery.save()
+    gallery.close()
+    return checkpoint, root / "gallery"
+
+
+def in_process_ms(
+    checkpoint: Path, gallery_dir: Path, device: str, query: bytes, repeats: int
+) -> dict[str, float]:
+    """Median time of model + search for the query in this process (no HTTP, no decode),
+    called from the main thread and from a worker thread (as the server does); the faster is
+    the reference."""
+    from app.service.inference import InferenceEngine, resolve_device
+    from index.gallery import Gallery
+
+    engine = InferenceEngine(checkpoint, resolve_device(device), max_batch_size=1, max_wait_ms=0)
+    gallery = Gallery.open(gallery_dir, read_only=True)
+    image = Image.open(io.BytesIO(query)).convert("RGB")
+
+    def once() -> float:
+        started = time.perf_counter()
+        embedded = engine.embed_images([image])[0]  # copies to the host: synchronised
+        gallery.search(embedded.embedding[None, :], 10)
+        return (time.perf_counter() - started) * 1000.0
+
+    # Alternate the two callers so that warm-up and clock changes favour neither.
+    main_thread, threaded = [], []
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for index in range(repeats + 10):
+            pair = (once(), worker.submit(once).result())
+            if index >= 10:
+                main_thread.append(pair[0])
+                threaded.append(pair[1])
+    gallery.close()
+    return {
+        "main thread": statistics.median(main_thread),
+        "worker thread": statistics.median(threaded),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(
+    checkpoint: Path, gallery: Path, device: str, batching: bool, log_dir: Path
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(checkpoint),
+        "--gallery", str(gallery), "--device", device, "--port", str(port),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    if not batching:
+        command.append("--no-batching")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # The server's JSON access log goes to a file: one line per request would swamp the console.
+    log = log_dir / f"server-{'batching' if batching else 'no-batching'}.log"
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text()[-2000:]
+            raise RuntimeError(f"server exited with status {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+async def drive(
+    url: str, query: bytes, concurrency: int, requests: int, max_seconds: float
+) -> LevelResult:
+    latencies: list[float] = []
+    server_ms: dict[str, list[float]] = {}
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < requests and time.perf_counter() < deadline:
+                issued += 1
+                begin = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/v1/search",
+                        files={"image": ("q.png", query, "image/png")},
+                        data={"k": "10", "heatmaps": "false"},
+                    )
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - begin) * 1000.0)
+                    for stage, ms in response.json()["timings"].items():
+                        server_ms.setdefault(stage, []).append(ms)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return LevelResult(concurrency, issued, errors, seconds, latencies, server_ms)
+
+
+def run_levels(
+    url: str, query: bytes, levels: list[int], requests: int, max_seconds: float
+) -> list[LevelResult]:
+    asyncio.run(drive(url, query, 4, 16, 30))  # warm-up
+    results = []
+    for concurrency in levels:
+        count = requests if concurrency > 1 else max(requests // 4, 20)
+        results.append(asyncio.run(drive(url, query, concurrency, count, max_seconds)))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--gallery", type=Path)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backbone", default="resnet50", help="for the throwaway checkpoint")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--gallery-size", type=int, default=500)
+    parser.add_argument(
+        "--requests", type=int, default=160, help="requests per level (c=1: a quarter)"
+    )
+    parser.add_argument("--max-seconds", type=float, default=40.0, help="time budget per level")
+    parser.add_argument("--levels", default="1,8,32")
+    args = parser.parse_args()
+    levels = [int(v) for v in args.levels.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="gsp-bench-") as scratch:
+        if args.checkpoint and args.gallery:
+            checkpoint, gallery = args.checkpoint, args.gallery
+        else:
+            checkpoint, gallery = build_assets(
+                Path(scratch), args.backbone, args.image_size, args.gallery_size
+            )
+        buffer = io.BytesIO()
+        drawn(123456, args.image_size + 32).save(buffer, format="PNG")
+        query = buffer.getvalue()
+
+        results: dict[str, list[LevelResult]] = {}
+        for batching in (True, False):
+            process, url = start_server(checkpoint, gallery, args.device, batching, Path(scratch))
+            try:
+                results["on" if batching else "off"] = run_levels(
+                    url, query, levels, args.requests, args.max_seconds
+                )
+            finally:
+                stop_server(process)
+        references = in_process_ms(checkpoint, gallery, args.device, query, repeats=30)
+
+    device = (
+        torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, device {args.device} "
+        f"({device}), torch {torch.__version__}"
+    )
+    model = "given checkpoint" if args.checkpoint else f"{args.backbone} GSP (random weights)"
+    print(f"model: {model}, input {args.image_size}px; query {args.image_size + 32}px PNG;")
+    print("search: k=10, heatmaps off")
+    for where, ms in references.items():
+        print(f"in-process model+search, {where}: {ms:.2f} ms (median)")
+    reference = min(references.values())
+    header = ("batching", "conc", "reqs", "err", "p50 ms", "p95 ms", "p99 ms", "req/s")
+    print("{:>8} {:>4} {:>5} {:>3} {:>8} {:>8} {:>8} {:>8}".format(*header))
+    for mode, levels_result in results.items():
+        for r in levels_result:
+            print(
+                f"{mode:>8} {r.concurrency:>4} {r.requests:>5} {r.errors:>3} "
+                f"{r.percentile(50):8.2f} {r.percentile(95):8.2f} {r.percentile(99):8.2f} "
+                f"{r.throughput:8.1f}"
+            )
+    one = next(r for r in results["on"] if r.concurrency == 1) if 1 in levels else None
+    if one is not None:
+        stages = ", ".join(
+            f"{stage} {one.server_median(stage):.2f}" for stage in sorted(one.server_ms)
+        )
+        print(f"c=1 server-side medians (ms): {stages}")
+    top = max(levels)
+    on_top = next(r for r in results["on"] if r.concurrency == top)
+    off_top = next(r for r in results["off"] if r.concurrency == top)
+    errors = sum(r.errors for rs in results.values() for r in rs)
+    ok = errors == 0
+    if one is not None:
+        ratio = one.percentile(50) / reference
+        ok &= ratio <= 1.25
+        print(f"c=1 p50 / in-process = {ratio:.2f}x (target <= 1.25x)")
+    gain = on_top.throughput / off_top.throughput if off_top.throughput else float("inf")
+    ok &= gain >= 1.5
+    print(f"c={top} throughput batching on / off = {gain:.2f}x (target >= 1.5x)")
+    print(f"errors: {errors} (target 0)")
+    print("all targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Upload decoding: every accepted mode becomes upright RGB; every bad upload is a clear 4xx."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.service.images import ImageRejected, decode_image
+
+LIMITS = {"max_bytes": 2_000_000, "max_pixels": 4_000_000}
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` (the data is never needed)."""
+    data = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return data[:8] + patched + data[8 + len(patched) :]
+
+
+def decode(data: bytes, content_type: str | None = "image/png", **limits: int):
+    return decode_image(data, content_type=content_type, **{**LIMITS, **limits})
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "colour"),
+    [
+        ("CMYK", "JPEG", (0, 255, 255, 0)),
+        ("P", "PNG", 3),
+        ("LA", "PNG", (128, 255)),
+        ("RGBA", "PNG", (10, 200, 30, 255)),
+        ("L", "PNG", 77),
+        ("RGB", "WEBP", (10, 200, 30)),
+    ],
+)
+def test_modes_become_rgb(mode: str, fmt: str, colour: object) -> None:
+    decoded = decode(encode(Image.new(mode, (20, 10), colour), fmt))
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (20, 10)
+    assert decoded.format == fmt
+
+
+def test_transparent_pixels_are_white() -> None:
+    decoded = decode(encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG"))
+    assert decoded.image.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_sixteen_bit_greyscale_is_rescaled_not_clipped() -> None:
+    values = np.full((8, 8), 32768, dtype=np.uint16)
+    decoded = decode(encode(Image.fromarray(values), "PNG"))
+    red, green, blue = decoded.image.getpixel((0, 0))
+    assert red == green == blue
+    assert 120 <= red <= 135  # half of the 16-bit range, not saturated at 255
+
+
+def test_multi_frame_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    decoded = decode(data, "image/gif")
+    assert decoded.frames == 2
+    red, _green, blue = decoded.image.getpixel((4, 4))
+    assert red > 200 and blue < 50
+
+
+def test_exif_orientation_is_applied() -> None:
+    wide = Image.new("RGB", (40, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    decoded = decode(encode(wide, "JPEG", exif=exif.tobytes()), "image/jpeg")
+    assert decoded.image.size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "code"),
+    [
+        (b"", "image/png", 400, "empty_upload"),
+        (b"hello, this is text", "image/png", 400, "not_an_image"),
+        (b"GIF89a", "image/gif", 400, "not_an_image"),
+        (b"\x89PNG\r\n\x1a\n", "text/plain", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_uploads_are_rejected(data: bytes, content_type: str, status: int, code: str) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode(data, content_type)
+    assert (caught.value.status, caught.value.code) == (status, code)
+
+
+def test_truncated_jpeg_is_rejected() -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(ImageRejected) as caught:
+        decode(data[: len(data) // 2], "image/jpeg")
+    assert caught.value.status == 400
+
+
+def test_size_and_pixel_limits() -> None:
+    small = encode(Image.new("RGB", (64, 64)), "PNG")
+    with pytest.raises(ImageRejected) as caught:
+        decode(small, max_bytes=len(small) - 1)
+    assert caught.value.status == 413
+    with pytest.raises(ImageRejected) as caught:
+        decode(bomb_png(50_000, 50_000))
+    assert (caught.value.status, caught.value.code) == (413, "too_many_pixels")
+
+
+def test_pillow_bomb_limit_applies_even_with_a_generous_setting() -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode(bomb_png(100_000, 100_000), max_pixels=10**12)
+    assert caught.value.status == 413
