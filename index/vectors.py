@@ -68,6 +68,16 @@ def _gpu_resources() -> Any | None:
     return None
 
 
+def _numpy_search(index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with search parameters, even after ``faiss.contrib.torch_utils``.
+
+    pytorch-metric-learning imports that module, which replaces ``Index.search`` process-wide
+    by a wrapper without ``params``; it keeps faiss's own numpy method as ``search_numpy``.
+    """
+    search = getattr(index, "search_numpy", index.search)
+    return search(queries, k, params=params)
+
+
 class VectorIndex:
     """A faiss index of one type with add/remove/search by int64 id."""
 
@@ -163,13 +173,13 @@ class VectorIndex:
             return self._searchable(k).search(queries, k)
         selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
         if self.index_type == "flat":
-            return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
+            return _numpy_search(self.index, queries, k, faiss.SearchParameters(sel=selector))
         wanted = min(k, len(allowed))
         nlist = int(self.params["nlist"])
         nprobe = int(self.params["nprobe"])
         while True:
             params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
-            scores, ids = self.index.search(queries, k, params=params)
+            scores, ids = _numpy_search(self.index, queries, k, params)
             if nprobe >= nlist or (ids >= 0).sum(axis=1).min() >= wanted:
                 return scores, ids
             nprobe = min(nlist, nprobe * 4)
