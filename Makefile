@@ -18,6 +18,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# `make serve`: the built-in demo (prepared offline, cached under .cache/demo) on HOST:PORT;
+# `GALLERY=/path/to/photos make serve` indexes that folder with the demo model instead.
+GALLERY ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+serve: $(STAMP)
+	$(BIN)/gsp demo serve --host $(HOST) --port $(PORT) $(if $(GALLERY),--gallery-source "$(GALLERY)")
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

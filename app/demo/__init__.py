@@ -1,0 +1,1 @@
+"""The built-in demo: procedurally drawn scenes, and the cached demo model and gallery."""

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Container entry point: arguments are a `gsp` subcommand line (`serve ...`, `index build ...`,
+# `train ...`); a first argument that is a program on PATH and not a gsp subcommand (sh, python)
+# runs as given, for debugging.
+set -eu
+
+if [ "$#" -eq 0 ]; then
+    exec gsp --help
+fi
+
+case "$1" in
+    -*) exec gsp "$@" ;;
+esac
+
+if gsp "$1" --help >/dev/null 2>&1; then
+    exec gsp "$@"
+fi
+
+exec "$@"

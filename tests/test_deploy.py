@@ -1,0 +1,288 @@
+"""Deployment files: every command the images and compose services run exists in ``gsp``,
+the Dockerfile passes hadolint and the compose file matches the compose specification."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from app.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    assert path.is_file(), f"{name} is missing: install the test extra (pip install -e '.[test]')"
+    return str(path)
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """Dockerfile instructions (keyword, arguments) with continuations joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def _exec_form(stage: list[tuple[str, str]], keyword: str) -> list[str]:
+    values = [rest for key, rest in stage if key == keyword]
+    assert values, f"the final stage has no {keyword}"
+    return json.loads(values[-1])
+
+
+def _installed_files(stage: list[tuple[str, str]]) -> dict[str, Path]:
+    """Image path -> repository file, from the final stage's COPY instructions."""
+    installed = {}
+    for keyword, rest in stage:
+        if keyword != "COPY" or rest.startswith("--from"):
+            continue
+        *sources, target = rest.split()
+        for source in sources:
+            destination = target + Path(source).name if target.endswith("/") else target
+            installed[destination] = ROOT / source
+    return installed
+
+
+def _script_gsp_lines(script: Path) -> list[list[str]]:
+    """The argument lists of every ``gsp ...`` command line in a shell script."""
+    lines = []
+    for line in script.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["exec", "gsp"]:
+            words = words[1:]
+        if words and words[0] == "gsp":
+            lines.append(words[1:])
+    return lines
+
+
+def _interpolate(value: str) -> str:
+    """Compose ``${VAR:-default}`` substitution, with the defaults (the environment unset)."""
+    return _VARIABLE.sub(lambda match: match.group(2) or "", value)
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _assert_gsp_accepts(argv: list[str], where: str) -> None:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as error:
+        pytest.fail(f"{where}: `gsp {shlex.join(argv)}` is not a valid gsp command ({error})")
+    assert getattr(args, "handler", None), f"{where}: `gsp {shlex.join(argv)}` runs nothing"
+
+
+def _gsp_argv(entrypoint: list[str], command: list[str], where: str) -> list[str]:
+    """The gsp arguments that an entrypoint + command pair of the image ends up running."""
+    installed = _installed_files(_final_stage())
+    program = entrypoint[0]
+    scripts = {Path(path).name: source for path, source in installed.items()}
+    assert program in scripts, f"{where}: {program} is not installed by the Dockerfile"
+    lines = _script_gsp_lines(scripts[program])
+    assert lines, f"{where}: {scripts[program]} runs no gsp command"
+    template = lines[-1]  # the script's main command; "$@" is where the arguments go
+    assert template[-1] == "$@", f'{scripts[program]}: the gsp command must end with "$@"'
+    return template[:-1] + entrypoint[1:] + command
+
+
+def test_image_default_command_is_a_gsp_command() -> None:
+    stage = _final_stage()
+    entrypoint = _exec_form(stage, "ENTRYPOINT")
+    command = _exec_form(stage, "CMD")
+    _assert_gsp_accepts(_gsp_argv(entrypoint, command, "Dockerfile"), "Dockerfile CMD")
+    assert command[0] == "serve" and "0.0.0.0" in command, "the image serves on all interfaces"
+
+
+def test_compose_service_commands_are_gsp_commands() -> None:
+    image_entrypoint = _exec_form(_final_stage(), "ENTRYPOINT")
+    services = _compose()["services"]
+    assert {"api", "indexer", "trainer"} <= set(services)
+    for name, service in services.items():
+        entrypoint = service.get("entrypoint", image_entrypoint)
+        command = [_interpolate(str(word)) for word in service["command"]]
+        argv = _gsp_argv(entrypoint, command, f"service {name}")
+        _assert_gsp_accepts(argv, f"compose service {name}")
+    indexer = _gsp_argv(services["indexer"]["entrypoint"], services["indexer"]["command"], "")
+    assert indexer[:2] == ["index", "build"]
+
+
+def test_every_script_gsp_line_names_a_real_subcommand() -> None:
+    parser = build_parser()
+    known = set(parser._subparsers._group_actions[0].choices)  # the registered subcommands
+    for script in sorted((ROOT / "docker").glob("*.sh")):
+        for words in _script_gsp_lines(script):
+            first = words[0] if words else ""
+            if first.startswith("$"):
+                continue  # forwarded arguments: checked against the compose commands
+            if first.startswith("-"):
+                with pytest.raises(SystemExit) as stop:
+                    parser.parse_args(words)
+                assert stop.value.code == 0, f"{script.name}: `gsp {shlex.join(words)}` fails"
+            else:
+                assert first in known, f"{script.name}: gsp has no subcommand {first!r}"
+
+
+def test_files_the_image_runs_are_installed() -> None:
+    stage = _final_stage()
+    installed = _installed_files(stage)
+    for keyword, rest in _instructions():  # every stage's build-context files exist
+        if keyword == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), f"COPY source {source} is missing"
+    healthcheck = next(rest for key, rest in stage if key == "HEALTHCHECK")
+    probe = json.loads(healthcheck.split("CMD", 1)[1])
+    assert probe[-1] in installed
+    compose_probe = _compose()["services"]["api"]["healthcheck"]["test"]
+    assert compose_probe[-1] in installed
+    assert any(key == "USER" and not rest.startswith(("root", "0")) for key, rest in stage)
+
+
+def test_hadolint_passes() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_compose_file_matches_the_compose_specification(tmp_path: Path) -> None:
+    result = _check_compose(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = _compose()
+    broken["services"]["api"]["restart_policy"] = "always"  # not a compose key
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(yaml.safe_dump(broken))
+    assert _check_compose(bad).returncode != 0, "the schema check must reject unknown keys"
+
+
+def test_compose_reserves_a_gpu_and_uses_the_committed_env_file() -> None:
+    services = _compose()["services"]
+    devices = services["api"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    env_files = [entry["path"] for entry in services["api"]["env_file"]]
+    assert ".env.example" in env_files
+    assert (ROOT / ".env.example").is_file()
+    for job in ("indexer", "trainer"):
+        assert services[job]["profiles"] == ["jobs"]
+
+
+def test_env_example_holds_only_known_service_settings() -> None:
+    from app.service.settings import Settings
+
+    fields = {f"GSP_{name.upper()}" for name in Settings.model_fields}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key = line.split("=", 1)[0]
+            assert key in fields, f".env.example sets {key}, which the service does not read"
+
+
+def test_entrypoint_runs_gsp_subcommands_and_other_programs() -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    script = str(ROOT / "docker" / "entrypoint.sh")
+    version = subprocess.run(
+        ["sh", script, "--version"], capture_output=True, text=True, env=env, check=True
+    )
+    assert version.stdout.startswith("gsp ")
+    helped = subprocess.run(
+        ["sh", script, "serve", "--help"], capture_output=True, text=True, env=env, check=True
+    )
+    assert "usage: gsp serve" in helped.stdout
+    other = subprocess.run(
+        ["sh", script, "echo", "hello"], capture_output=True, text=True, env=env, check=True
+    )
+    assert other.stdout.strip() == "hello"
+
+
+def test_requirements_swap_faiss_for_the_gpu_build() -> None:
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        from requirements import requirements
+    finally:
+        sys.path.pop(0)
+    cpu = requirements(ROOT / "pyproject.toml", "cpu")
+    cuda = requirements(ROOT / "pyproject.toml", "cuda")
+    assert any(line.startswith("faiss-cpu") for line in cpu)
+    assert not any(line.startswith("faiss-cpu") for line in cuda)
+    assert any(line.startswith("faiss-gpu-cu12") for line in cuda)
+    assert [line for line in cpu if "faiss" not in line] == [
+        line for line in cuda if "faiss" not in line
+    ]
+    with pytest.raises(SystemExit):
+        requirements(ROOT / "pyproject.toml", "rocm")
+
+
+class _ReloadHandler(BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_POST(self) -> None:
+        type(self).seen.append((self.path, self.headers.get("X-API-Key")))
+        body = json.dumps({"previous_size": 1, "gallery_size": 2}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_reload_script_posts_with_the_api_key() -> None:
+    server = HTTPServer(("127.0.0.1", 0), _ReloadHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {
+            **os.environ,
+            "GSP_API_URL": f"http://127.0.0.1:{server.server_port}",
+            "GSP_API_KEYS": "first-key,second-key",
+        }
+        script = str(ROOT / "docker" / "reload.py")
+        result = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, env=env, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert _ReloadHandler.seen == [("/v1/admin/reload-gallery", "first-key")]
+        env["GSP_API_KEYS"] = ""
+        refused = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, env=env, check=False
+        )
+        assert refused.returncode == 2 and "GSP_API_KEYS" in refused.stderr
+    finally:
+        server.shutdown()
+        thread.join()
