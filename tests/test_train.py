@@ -1,0 +1,190 @@
+"""End-to-end training on a tiny image folder: checkpoints, metrics, plot, resume, frozen cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from model.net import build_embedding_net
+from model.train import decode_state, encode_state, seed_everything, train, warmup_cosine
+from model.training_config import TrainingConfig, apply_overrides, load_training_config
+
+
+def _folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        (root / f"c{label}").mkdir(parents=True)
+        for index in range(per_class):
+            base = np.full((24, 24, 3), 60 * label, dtype=np.uint8)
+            noise = rng.integers(0, 40, size=base.shape, dtype=np.uint8)
+            Image.fromarray(base + noise).save(root / f"c{label}" / f"{index}.png")
+    return root
+
+
+def _raw_config(tmp_path: Path) -> dict:
+    data = _folder(tmp_path / "images")
+    return {
+        "model": {
+            "backbone": "efficientnet_lite0",
+            "pretrained": False,
+            "pooling": "gsp",
+            "embedding_dim": 16,
+            "pooling_options": {"num_prototypes": 4, "transport_ratio": 0.5},
+            "preprocessing": {
+                "image_size": 64,
+                "resize_size": 64,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            },
+        },
+        "data": {
+            "train": {"folder": str(data)},
+            "eval": {"folder": str(data)},
+            "batch_size": 8,
+            "m_per_class": 2,
+            "num_workers": 0,
+        },
+        "loss": {"name": "proxy_anchor", "zsr": True},
+        "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+        "steps_per_epoch": 1,
+        "prototype_init": "kcenter",
+        "kcenter_batches": 1,
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "eval_batch_size": 16,
+    }
+
+
+def _config(tmp_path: Path, **extra: object) -> TrainingConfig:
+    raw = _raw_config(tmp_path)
+    return TrainingConfig.from_dict(apply_overrides(raw, [f"{k}={v}" for k, v in extra.items()]))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_trains_writes_checkpoints_metrics_plot_resumes_and_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+    from model.checkpoint import load_checkpoint
+
+    raw = _raw_config(tmp_path)
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config_file), "--no-progress"]) == 0
+    run = Path(raw["output_dir"])
+    for name in ("epoch-001", "epoch-002", "best"):
+        assert (run / name / "model.safetensors").is_file(), name
+    assert (run / "metrics.png").stat().st_size > 0
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["map_at_r"] <= 1 for r in records)
+    best_epoch = json.loads((run / "best" / "best_epoch.json").read_text())["epoch"]
+    assert f"best epoch {best_epoch}" in capsys.readouterr().out
+    loaded = load_checkpoint(run / "epoch-002")  # trainer state beside it: still verifies
+    assert loaded.metadata["training_data"]["data"]["folder"] == raw["data"]["train"]["folder"]
+    assert loaded.metadata["metrics"]["epoch"] == 2
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainingConfig.from_dict(raw), show_progress=False)
+    resume = ["train", "--config", str(config_file), "schedule.epochs=3", "--resume"]
+    assert main([*resume, "--no-progress"]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2, 3]
+    resumed = load_checkpoint(run / "epoch-003").net
+    before = load_checkpoint(run / "epoch-002").net
+    pairs = zip(resumed.pooling.parameters(), before.pooling.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+
+    out = tmp_path / "eval.json"
+    data = f"folder={raw['data']['eval']['folder']}"
+    evaluate = ["eval", "--checkpoint", str(run / "epoch-003"), "--data", data, "--out", str(out)]
+    assert main(evaluate) == 0
+    assert "MAP@R" in capsys.readouterr().out
+    # the evaluation command scores the same network and data as the validation of epoch 3
+    evaluated = json.loads(out.read_text())["metrics"]
+    assert evaluated["map_at_r"] == pytest.approx(_metrics(run)[-1]["map_at_r"], abs=1e-6)
+
+
+def test_frozen_backbone_trains_pooling_on_cached_features(tmp_path: Path) -> None:
+    from model.checkpoint import load_checkpoint
+
+    config = _config(
+        tmp_path,
+        frozen_backbone=True,
+        prototype_init="random",
+        checkpoint_every=2,
+        **{"schedule.epochs": 3},
+    )
+    train(config, show_progress=False)
+    run = Path(config.output_dir)
+    caches = list((tmp_path / "cache").glob("*/features.safetensors"))
+    assert len(caches) == 1  # train and eval specs are the same folder: one cache entry
+    assert sorted(p.name for p in run.glob("epoch-*")) == ["epoch-002", "epoch-003"]
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["map_at_r" in r for r in records] == [False, True, True]
+    seed_everything(config.seed)  # the run's initial network, built the same way
+    initial = build_embedding_net(config.model)
+    middle = load_checkpoint(run / "epoch-002").net
+    final = load_checkpoint(run / "epoch-003").net
+    for name, value in initial.backbone.state_dict().items():
+        # weights and batch-norm statistics untouched by caching and training
+        assert torch.equal(final.backbone.state_dict()[name], value), name
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(middle.pooling.parameters(), final.pooling.parameters(), strict=True)
+    )
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(initial.pooling.parameters(), final.pooling.parameters(), strict=True)
+    )
+
+
+def test_trainer_state_round_trips_without_pickle() -> None:
+    param = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": (1, (2, 3), None), "n": np.arange(3)}
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = json.loads(json.dumps(encode_state(state, tensors)))
+    decoded = decode_state(encoded, tensors)
+    assert decoded["rng"] == (1, (2, 3), None)
+    assert np.array_equal(decoded["n"], np.arange(3))
+    restored = torch.optim.AdamW([torch.nn.Parameter(param.detach().clone())], lr=0.5)
+    restored.load_state_dict(decoded["optimizer"])
+    assert restored.param_groups[0]["lr"] == 0.1
+    assert torch.equal(
+        restored.state_dict()["state"][0]["exp_avg"], optimizer.state[param]["exp_avg"]
+    )
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    factor = warmup_cosine(total_steps=10, warmup_steps=2, min_ratio=0.1)
+    values = [factor(step) for step in range(11)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[1:]))
+    assert values[10] == pytest.approx(0.1)
+
+
+def test_config_overrides_are_typed_and_checked(tmp_path: Path) -> None:
+    path = Path("configs/collage_gsp.yaml")
+    config = load_training_config(
+        path, ["schedule.epochs=3", "model.pooling_options.transport_ratio=0.15"]
+    )
+    assert config.schedule.epochs == 3
+    assert config.model.pooling_options["transport_ratio"] == 0.15
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_training_config(path, ["optimizer.lr_typo=1"])
+    with pytest.raises(ValueError, match=r"key\.sub=value"):
+        load_training_config(path, ["epochs"])
