@@ -49,15 +49,20 @@ def _newton_step(
     u: Tensor, lo: Tensor, hi: Tensor, log_mass: Tensor, low_ratio: Tensor, log_target: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One safeguarded Newton step for every row; returns ``u``, the bracket and convergence."""
-    log_n = math.log(log_mass.shape[1])
     z = u[:, None] + log_mass
-    log_g, log_kept_i = F.logsigmoid(z), F.logsigmoid(-z)
-    log_taken = torch.logsumexp(log_g, dim=1) - log_n
-    log_kept = torch.logsumexp(log_kept_i, dim=1) - log_n
+    # Plain float64 sums suffice: the bracket keeps max_i z_i >= logit(mu) >= min_i z_i, so
+    # neither the transported nor the kept total can underflow.
+    taken, kept = torch.sigmoid(z), torch.sigmoid(-z)
+    taken_total, kept_total = taken.sum(dim=1), kept.sum(dim=1)
+    slope_total = (taken * kept).sum(dim=1)
+    n = log_mass.shape[1]
     # Both residuals are increasing in u and vanish at the root.
-    residual = torch.where(low_ratio, log_taken - log_target, log_target - log_kept)
-    slope_log = torch.logsumexp(log_g + log_kept_i, dim=1) - log_n
-    slope = torch.exp(slope_log - torch.where(low_ratio, log_taken, log_kept))
+    residual = torch.where(
+        low_ratio,
+        torch.log(taken_total / n) - log_target,
+        log_target - torch.log(kept_total / n),
+    )
+    slope = slope_total / torch.where(low_ratio, taken_total, kept_total)
     lo = torch.where(residual <= 0, u, lo)
     hi = torch.where(residual >= 0, u, hi)
     newton = u - residual / slope.clamp_min(torch.finfo(torch.float64).tiny)
