@@ -121,11 +121,13 @@ def pooled_parts(net: EmbeddingNet, features: Tensor) -> PooledParts:
 @dataclass(frozen=True)
 class PrototypeMatch:
     """A prototype both images use: its ``(k, k)`` term of the score, that term's ``share`` of
-    the score, and where each image sends mass to it (``(h, w)`` maps, scaled like weights)."""
+    the score, its ``contribution`` (see :attr:`PairExplanation.contributions`) and where each
+    image sends mass to it (``(h, w)`` maps, scaled like weights)."""
 
     prototype: int
     term: float
     share: float
+    contribution: float
     query_map: Tensor
     match_map: Tensor
 
@@ -148,6 +150,16 @@ class PairExplanation:
     def shared_share(self) -> float:
         """Share of the score carried by same-prototype terms (the diagonal)."""
         return _share(float(torch.diagonal(self.terms).sum()), self.score)
+
+    @property
+    def contributions(self) -> Tensor:
+        """``(m,)`` each prototype's part of the score, summing to it: half of what flows
+        through it on the query side (``terms[k, :].sum()``) plus half on the match side.
+
+        The diagonal alone is often a small share: all parts share a common direction, so
+        cross-prototype terms carry much of the score.
+        """
+        return (self.terms.sum(dim=1) + self.terms.sum(dim=0)) / 2
 
     @property
     def decomposition_error(self) -> float:
@@ -182,12 +194,14 @@ def explain_pair(
             "GSP pooling no longer equals the plan-weighted mean this decomposition assumes"
         )
     diagonal = torch.diagonal(terms)
+    contributions = (terms.sum(dim=1) + terms.sum(dim=0)) / 2
     order = torch.argsort(diagonal, descending=True)[: min(top, diagonal.numel())]
     best = [
         PrototypeMatch(
             prototype=int(k),
             term=float(diagonal[k]),
             share=_share(float(diagonal[k]), score),
+            contribution=float(contributions[k]),
             query_map=query.maps[k],
             match_map=match.maps[k],
         )

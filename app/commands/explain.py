@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     panel.save(args.out, format="PNG")
     print(f"score {explained.score:.4f}; shared prototypes carry {explained.shared_share:.0%}")
     for part in explained.top:
-        print(f"  prototype {part.prototype:>3}: term {part.term:+.4f} ({part.share:.0%})")
+        print(
+            f"  prototype {part.prototype:>3}: shared term {part.term:+.4f} ({part.share:.0%}), "
+            f"contribution {part.contribution:+.4f}"
+        )
     print(f"panel written to {args.out}")
     return 0
 
@@ -156,8 +159,8 @@ def render_panel(query: Any, match: Any, explained: Any, preprocessing: Any, mat
             (
                 tint(query_view, part.query_map.float().numpy(), colour),
                 tint(match_view, part.match_map.float().numpy(), colour),
-                f"prototype {part.prototype}: {part.share:.0%} of the score "
-                f"(term {part.term:+.3f})",
+                f"prototype {part.prototype}: shared term {part.share:.0%} of the score, "
+                f"all its terms {part.contribution / explained.score:.0%}",
                 colour,
             )
         )
