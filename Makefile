@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 
 # `make serve`: the built-in demo (prepared offline, cached under .cache/demo) on HOST:PORT;
 # `GALLERY=/path/to/photos make serve` indexes that folder with the demo model instead.
@@ -28,7 +28,7 @@ serve: $(STAMP)
 	$(BIN)/gsp demo serve --host $(HOST) --port $(PORT) $(if $(GALLERY),--gallery-source "$(GALLERY)")
 
 test: $(STAMP)
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest
 
 clean:

@@ -95,12 +95,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_checkpoint
-
     from index.build import FAILURES_FILE, index_files
     from index.errors import GalleryError
     from index.gallery import Gallery
     from index.images import find_images
+    from model.checkpoint import load_checkpoint
 
     files = []
     for path in args.images:
@@ -195,12 +194,12 @@ def _info(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     import torch
-    from model.checkpoint import load_checkpoint
 
     from index.build import resolve_device
     from index.errors import GalleryError
     from index.gallery import Gallery
     from index.images import decode_image
+    from model.checkpoint import load_checkpoint
     from model.transforms import eval_transform
 
     if args.k <= 0:
