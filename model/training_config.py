@@ -171,8 +171,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ValueError(f"cannot set {key!r}: {parent!r} is not a mapping")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _parse_value(raw)
     return result
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalar, except that ``3e-3`` is a number (YAML 1.1 wants ``3.0e-3``)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_training_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainingConfig:

@@ -75,3 +75,22 @@ def test_bad_inputs_and_table() -> None:
         retrieval_metrics(torch.zeros(3, 2), torch.zeros(4))
     table = format_table({"map_at_r": 0.5, "recall_at_2": 1.0})
     assert "MAP@R" in table and "Recall@2" in table and "0.5000" in table
+
+
+def test_embedding_in_memory_maps_matches_the_loader_path() -> None:
+    from torch.utils.data import TensorDataset
+
+    from model.evaluate import embed
+    from model.feature_cache import FeatureMapSet
+    from model.gsp import build_pooling
+    from model.net import EmbeddingNet
+
+    torch.manual_seed(0)
+    pooling = build_pooling("gsp", 6, 4, num_prototypes=3, transport_ratio=0.4)
+    net = EmbeddingNet(torch.nn.Identity(), pooling).eval()
+    features, labels = torch.randn(10, 6, 3, 3).half(), torch.arange(10) % 2
+    fast = embed(net.pool, FeatureMapSet(features, labels), batch_size=4)
+    slow = embed(net.pool, TensorDataset(features, labels), batch_size=4)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert fast[2].shape == (10, 3, 3) and not torch.allclose(fast[2], torch.ones(10, 3, 3))

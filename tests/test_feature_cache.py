@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from model.config import Preprocessing
-from model.feature_cache import cached_feature_maps, feature_cache_key, module_digest
+from model.feature_cache import (
+    FeatureMapSet,
+    cached_feature_maps,
+    feature_cache_key,
+    module_digest,
+)
 
 
 class _CountingBackbone(nn.Module):
@@ -73,3 +78,17 @@ def test_wrong_sample_count_is_an_error_and_leaves_no_cache(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="expected 12 samples"):
         cached_feature_maps(backbone, _batches(), 12, "k", tmp_path)
     assert not (tmp_path / "k").exists()
+
+
+def test_feature_map_set_gathers_channels_last_batches_of_the_cached_maps() -> None:
+    features = torch.randn(6, 5, 3, 2).half()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    maps = FeatureMapSet(features, labels)
+    batch, batch_labels = maps.batch([4, 0, 4])
+    assert torch.equal(batch, features[[4, 0, 4]])
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch_labels, torch.tensor([1, 0, 1]))
+    item, label = maps[3]
+    assert torch.equal(item, features[3]) and int(label) == 0 and len(maps) == 6
+    with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
+        FeatureMapSet(features, labels[:5])

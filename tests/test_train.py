@@ -180,9 +180,15 @@ def test_schedule_warms_up_then_decays() -> None:
 def test_config_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     path = Path("configs/collage_gsp.yaml")
     config = load_training_config(
-        path, ["schedule.epochs=3", "model.pooling_options.transport_ratio=0.15"]
+        path,
+        [
+            "schedule.epochs=3",
+            "model.pooling_options.transport_ratio=0.15",
+            "optimizer.lr_pooling=3e-3",  # YAML 1.1 reads this as a string; it must be a number
+        ],
     )
     assert config.schedule.epochs == 3
+    assert config.optimizer.lr_pooling == pytest.approx(0.003)
     assert config.model.pooling_options["transport_ratio"] == 0.15
     with pytest.raises(ValueError, match="unknown config keys"):
         load_training_config(path, ["optimizer.lr_typo=1"])
