@@ -1,9 +1,14 @@
 """Gallery benchmarks: (a) the large-gallery index against exact search, (b) bulk-job throughput.
 
 (a) ``python -m bench.index search [--n 1000000]``: clustered unit vectors with the spread of real
-embeddings (a few thousand centres on the sphere; same-cluster cosine 0.5-0.8), the gallery's
-default large index (``ivf`` with the parameters ``index.vectors.ivf_params`` picks) against
-exact flat search: recall@10 and queries/s side by side, with a small ``nprobe`` sweep.
+embeddings, on two data sets: ``easy`` (a few thousand independent centres on the sphere, equal
+cluster sizes; same-cluster cosine 0.5-0.8) and ``hard`` (centres grouped in families whose
+members overlap, cluster sizes from a long-tailed Zipf law, wider noise). For each, a real
+gallery is filled through its SQLite store and reopened, which builds the default large index
+(``ivf``: IVF-PQ, parameters from ``index.vectors.ivf_params``); ``Gallery.search`` — PQ
+candidates plus the exact re-rank that reads their embeddings back from SQLite — is compared
+with exact flat search: recall@10 and queries/s side by side, over an ``nprobe`` x ``rerank``
+sweep, and the index's RAM per item.
 
 (b) ``python -m bench.index build [--images 1000]``: ``build_gallery`` over real CIFAR-10 JPEGs
 (extracted from the shared archive into .cache/) against the model's own forward throughput at
@@ -13,19 +18,26 @@ the same batch size on ready tensors, which is the ceiling.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import platform
 import shutil
+import statistics
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = REPO_ROOT / ".cache" / "bench-index"
+DATASETS = ("easy", "hard")
+_BLOCK = 100_000
 
 
 def machine() -> str:
@@ -39,77 +51,161 @@ def machine() -> str:
     )
 
 
-def clustered_vectors(
-    rng: np.random.Generator, centres: np.ndarray, spread: np.ndarray, n: int
-) -> np.ndarray:
-    """``normalise(centre + noise)``; per-cluster noise sets the same-cluster cosine 0.5-0.8."""
-    dim = centres.shape[1]
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        owner = rng.integers(0, len(centres), m)
-        noise = rng.standard_normal((m, dim), dtype=np.float32)
-        block = centres[owner] + noise * np.sqrt(spread[owner] / dim)[:, None]
-        out[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def timed_search(index, queries: np.ndarray, k: int, repeats: int = 1):
-    best, result = float("inf"), None
+@dataclass(frozen=True)
+class Clusters:
+    """Where items are drawn: ``normalise(centre + noise)``, noise energy ``spread`` per
+    cluster, a cluster picked with probability ``share``; ``axes`` (scaled rows) shapes the noise
+    when it is not isotropic."""
+
+    centres: np.ndarray
+    spread: np.ndarray
+    share: np.ndarray
+    axes: np.ndarray | None = None
+
+    @classmethod
+    def easy(cls, rng: np.random.Generator, clusters: int, dim: int) -> Clusters:
+        """Independent centres (nearly orthogonal in high dimension), equal sizes, isotropic."""
+        centres = _normalised(rng.standard_normal((clusters, dim), dtype=np.float32))
+        # same-cluster cosine ≈ 1 / (1 + s), s the noise energy: s in [0.25, 1] gives 0.5-0.8
+        spread = rng.uniform(0.25, 1.0, clusters).astype(np.float32)
+        return cls(centres, spread, np.full(clusters, 1.0 / clusters))
+
+    @classmethod
+    def hard(cls, rng: np.random.Generator, clusters: int, dim: int) -> Clusters:
+        """Families of ~30 sibling clusters whose centres have cosine ≈ 0.5 with each other,
+        Zipf(1.1) cluster sizes in random order, same-cluster cosine 0.4-0.75, and noise that,
+        like a trained network's, spends its energy unevenly: variance ∝ 1/i along random
+        orthogonal axes (about 30 effective dimensions of 512)."""
+        families = _normalised(rng.standard_normal((max(1, clusters // 30), dim), np.float32))
+        family = rng.integers(0, len(families), clusters)
+        offset = rng.standard_normal((clusters, dim), dtype=np.float32) / np.sqrt(dim)
+        centres = _normalised(families[family] + offset)
+        spread = rng.uniform(0.33, 1.5, clusters).astype(np.float32)
+        share = rng.permutation(1.0 / np.arange(1, clusters + 1) ** 1.1)
+        energy = 1.0 / np.arange(1, dim + 1)
+        rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        axes = (np.sqrt(energy * dim / energy.sum())[:, None] * rotation.T).astype(np.float32)
+        return cls(centres, spread, share / share.sum(), axes)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        dim = self.centres.shape[1]
+        out = np.empty((n, dim), dtype=np.float32)
+        for start in range(0, n, _BLOCK):
+            m = min(_BLOCK, n - start)
+            owner = rng.choice(len(self.centres), m, p=self.share)
+            noise = rng.standard_normal((m, dim), dtype=np.float32)
+            if self.axes is not None:
+                noise = noise @ self.axes
+            block = self.centres[owner] + noise * np.sqrt(self.spread[owner] / dim)[:, None]
+            out[start : start + m] = _normalised(block)
+        return out
+
+    def describe(self, rng: np.random.Generator) -> str:
+        """Typical cosines within a cluster and to the nearest other cluster, size skew."""
+        one = Clusters(self.centres[:1], self.spread[:1], np.ones(1), self.axes).draw(rng, 2)
+        nearest = np.sort(self.centres[:200] @ self.centres.T, axis=1)[:, -2]
+        largest = float(self.share.max() * len(self.share))
+        return (
+            f"example same-cluster cosine {float(one[0] @ one[1]):.2f}, centre cosine to the "
+            f"nearest other centre {float(np.median(nearest)):.2f} (median), largest cluster "
+            f"{largest:.0f}x the mean size"
+        )
+
+
+def timed(search, queries: np.ndarray, repeats: int):
+    """Queries/s (median of ``repeats`` runs) and the last result."""
+    rates, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
-        result = index.search(queries, k)
-        best = min(best, time.perf_counter() - started)
-    return len(queries) / best, result
+        result = search(queries)
+        rates.append(len(queries) / (time.perf_counter() - started))
+    return statistics.median(rates), result
 
 
-def bench_search(n: int, dim: int, clusters: int, queries: int, k: int) -> None:
+def fill_gallery(directory: Path, vectors: np.ndarray) -> None:
+    """A gallery whose SQLite store holds ``vectors`` (ids 1..n) and whose saved index is still
+    the empty one it was created with: the next open builds the large index from the store."""
+    from index.gallery import DATABASE, Gallery
+    from index.metadata import ItemRow, MetadataStore
+
+    Gallery.create(
+        directory, model_fingerprint="bench", preprocessing={}, embedding_dim=vectors.shape[1]
+    ).close()
+    store = MetadataStore(directory / DATABASE)
+    grid = np.zeros((7, 7), dtype=np.float32)
+    for start in tqdm(range(0, len(vectors), _BLOCK // 2), desc="SQLite", unit="block"):
+        stop = min(len(vectors), start + _BLOCK // 2)
+        store.insert(
+            [
+                ItemRow(f"{i}", hashlib.sha256(b"%d" % i).hexdigest(), None, "", {}, v, grid)
+                for i, v in zip(range(start, stop), vectors[start:stop], strict=True)
+            ]
+        )
+    store.checkpoint()
+    store.close()
+
+
+def bench_search(
+    n: int, dim: int, clusters: int, queries: int, k: int, dataset: str, scratch: Path
+) -> None:
     import faiss
 
-    from index.vectors import VectorIndex, ivf_params
+    from index.gallery import INDEX_FILE, Gallery
+    from index.snapshot import current_snapshot
 
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    # same-cluster cosine ≈ 1 / (1 + s), s the noise energy: s in [0.25, 1] gives 0.5-0.8
-    spread = rng.uniform(0.25, 1.0, clusters).astype(np.float32)
     started = time.perf_counter()
-    base = clustered_vectors(rng, centres, spread, n)
-    probe = clustered_vectors(rng, centres, spread, queries)
+    source = getattr(Clusters, dataset)(rng, clusters, dim)
+    base = source.draw(rng, n)
+    probe = source.draw(rng, queries)
     print(
-        f"data: {n} x {dim}, {clusters} clusters, {queries} queries "
-        f"({time.perf_counter() - started:.0f} s to draw)"
+        f"\n== {dataset}: {n} x {dim}, {clusters} clusters, {queries} queries, k={k} "
+        f"({time.perf_counter() - started:.0f} s to draw)\n{source.describe(rng)}"
     )
-    same = clustered_vectors(np.random.default_rng(1), centres[:1], spread[:1], 2)
-    print(f"example same-cluster cosine: {float(same[0] @ same[1]):.2f}")
-
     exact = faiss.IndexFlatIP(dim)
     exact.add(base)
-    exact_qps, (_, truth) = timed_search(exact, probe, k)
+    exact_qps, (_, truth) = timed(functools.partial(exact.search, k=k), probe, repeats=1)
+    del exact
     print(f"exact flat: {exact_qps:.1f} queries/s")
 
-    params = ivf_params(n)
+    directory = scratch / f"gallery-{dataset}"
     started = time.perf_counter()
-    size = VectorIndex.training_size(n)
-    sample = base[rng.choice(n, size=size, replace=False)]
-    ivf = VectorIndex.trained_ivf(dim, n, sample)
-    trained = time.perf_counter() - started
-    for start in range(0, n, 100_000):
-        stop = min(n, start + 100_000)
-        ivf.add(np.arange(start, stop, dtype=np.int64), base[start:stop])
+    fill_gallery(directory, base)
+    filled = time.perf_counter() - started
+    del base
+    started = time.perf_counter()
+    gallery = Gallery.open(directory)
     built = time.perf_counter() - started
-    print(f"ivf {params}: trained on {size} in {trained:.0f} s, built in {built:.0f} s")
-    inner = faiss.extract_index_ivf(ivf.index)
-    default = params["nprobe"]
-    for nprobe in sorted({max(1, default // 2), default, default * 2, default * 4}):
-        inner.nprobe = nprobe
-        qps, (_, found) = timed_search(ivf.index, probe, k, repeats=3)
+    params = gallery.manifest.index_params
+    file_bytes = (current_snapshot(directory) / INDEX_FILE).stat().st_size
+    print(
+        f"SQLite store filled in {filled:.0f} s; open built {gallery.manifest.index_type} "
+        f"{params} in {built:.0f} s (train + add, read from SQLite)"
+    )
+    gallery.save()
+    saved = (current_snapshot(directory) / INDEX_FILE).stat().st_size
+    print(
+        f"index RAM per item: {params['bytes_per_item']} B (codes + id); saved index file "
+        f"{saved / n:.1f} B/item incl. centroids and codebooks (empty index was {file_bytes} B); "
+        f"full vectors would be {4 * dim + 8} B/item"
+    )
+    default_nprobe, default_rerank = int(params["nprobe"]), int(params["rerank"])
+    settings = [(default_nprobe, r) for r in (1, 4, default_rerank, 16)]
+    settings += [(p, default_rerank) for p in (default_nprobe // 2, default_nprobe * 2)]
+    print("| nprobe | rerank | recall@10 | queries/s | vs exact |")
+    for nprobe, rerank in sorted(set(settings)):
+        gallery.configure_search(nprobe=nprobe, rerank=rerank)
+        qps, hits = timed(lambda q: gallery.search(q, k), probe, repeats=3)
+        found = [[m.id - 1 for m in row] for row in hits]  # ids are rows + 1
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)])
-        mark = "  <- default" if nprobe == default else ""
-        print(
-            f"ivf nprobe={nprobe:<4} recall@{k}={recall:.4f}  {qps:8.1f} queries/s  "
-            f"{qps / exact_qps:6.1f}x exact{mark}"
-        )
+        mark = "  <- default" if (nprobe, rerank) == (default_nprobe, default_rerank) else ""
+        print(f"| {nprobe} | {rerank} | {recall:.4f} | {qps:.1f} | {qps / exact_qps:.1f}x |{mark}")
+    gallery.close()
+    shutil.rmtree(directory)
 
 
 def extract_cifar(count: int) -> Path:
@@ -184,6 +280,8 @@ def main() -> None:
     search.add_argument("--clusters", type=int, default=3000)
     search.add_argument("--queries", type=int, default=1000)
     search.add_argument("-k", type=int, default=10)
+    search.add_argument("--data", choices=(*DATASETS, "both"), default="both")
+    search.add_argument("--scratch", type=Path, default=CACHE, help="where galleries are built")
     build = sub.add_parser("build")
     build.add_argument("--images", type=int, default=1000)
     build.add_argument("--batch-size", type=int, default=64)
@@ -193,7 +291,12 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     if args.which == "search":
-        bench_search(args.n, args.dim, args.clusters, args.queries, args.k)
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+            for dataset in DATASETS if args.data == "both" else (args.data,):
+                bench_search(
+                    args.n, args.dim, args.clusters, args.queries, args.k, dataset, Path(scratch)
+                )
     else:
         bench_build(args.images, args.batch_size, args.backbone, args.image_size, args.workers)
 

@@ -39,7 +39,9 @@ from index.metadata import ItemRecord, ItemRow, MetadataStore
 from index.snapshot import clean_stale, current_snapshot, write_snapshot
 from index.vectors import (
     INDEX_TYPES,
+    IVF_TYPES,
     LARGE_THRESHOLD,
+    RERANK,
     RETRAIN_GROWTH,
     VectorIndex,
     resolve_index_type,
@@ -54,6 +56,10 @@ IDS_FILE = "ids.npy"
 LOCK_FILE = "writer.lock"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NORM_TOLERANCE = 1e-3
+# Index parameters chosen by the user, kept when the index is rebuilt or retrained.
+_SETTINGS = ("large_threshold", "rerank")
+# Queries re-ranked per matrix product (bounds the candidates x dim scratch array).
+_RERANK_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -121,14 +127,18 @@ class Gallery:
         embedding_dim: int,
         index_type: str = "auto",
         large_threshold: int = LARGE_THRESHOLD,
+        rerank: int = RERANK,
     ) -> Gallery:
         """A new, empty gallery in ``directory`` (which must not exist or be empty).
 
-        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then IVF), ``flat`` or
-        ``ivf`` (IVF as soon as there are enough vectors to train it).
+        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf``), ``flat``,
+        ``ivf`` (IVF-PQ with exact re-rank) or ``ivf_flat`` (IVF with full vectors), the IVF
+        types as soon as there are enough vectors to train them. ``rerank``: an ``ivf`` search
+        re-scores ``rerank``·k candidates with their exact embeddings.
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
+        _check_rerank(rerank)
         if embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
         if not model_fingerprint:
@@ -138,23 +148,21 @@ class Gallery:
             raise GalleryError(f"cannot create a gallery in {path}: the directory is not empty")
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _acquire_writer_lock(path)
+        vectors = VectorIndex.flat(embedding_dim)
         manifest = Manifest(
             model_fingerprint=model_fingerprint,
             preprocessing=canonical_preprocessing(preprocessing),
             embedding_dim=int(embedding_dim),
             index_type="flat",
-            index_params={"large_threshold": int(large_threshold)},
+            index_params={
+                "large_threshold": int(large_threshold),
+                "rerank": int(rerank),
+                "bytes_per_item": vectors.bytes_per_item,
+            },
             requested_index_type=index_type,
         )
         store = MetadataStore(path / DATABASE, create=True)
-        gallery = cls(
-            path,
-            manifest,
-            store,
-            VectorIndex.flat(embedding_dim),
-            read_only=False,
-            lock_fd=lock_fd,
-        )
+        gallery = cls(path, manifest, store, vectors, read_only=False, lock_fd=lock_fd)
         gallery.save()
         return gallery
 
@@ -184,9 +192,7 @@ class Gallery:
                 raise GalleryCorruptError(f"gallery {path}: {DATABASE} is missing")
             store = MetadataStore(path / DATABASE, read_only=read_only)
             try:
-                vectors = VectorIndex.read(
-                    snapshot / INDEX_FILE, manifest.index_type, manifest.index_params
-                )
+                vectors = VectorIndex.read(snapshot / INDEX_FILE, manifest.index_params)
                 indexed = np.load(snapshot / IDS_FILE)
             except (RuntimeError, OSError, ValueError) as error:
                 store.close()
@@ -196,6 +202,7 @@ class Gallery:
         except BaseException:
             _release_writer_lock(lock_fd)
             raise
+        manifest.index_type = vectors.index_type
         gallery = cls(path, manifest, store, vectors, read_only=read_only, lock_fd=lock_fd)
         gallery._reconcile(indexed)
         return gallery
@@ -310,7 +317,11 @@ class Gallery:
     # ------------------------------------------------------------------ reads
     def search(self, queries: np.ndarray, k: int, label: str | None = None) -> list[list[Match]]:
         """The ``k`` best matches per query row; with ``label``, only items of that label
-        (still ``k`` results whenever the label has at least ``k`` items)."""
+        (still ``k`` results whenever the label has at least ``k`` items).
+
+        Scores are exact cosines: an ``ivf`` (PQ) index only proposes ``rerank``·k candidates,
+        which are re-scored with their exact embeddings read from the database in one query.
+        """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         queries = self._validated_embeddings(np.atleast_2d(queries), None)
@@ -322,10 +333,29 @@ class Gallery:
                     return [[] for _ in range(len(queries))]
             if self._vectors.ntotal == 0:
                 return [[] for _ in range(len(queries))]
-            scores, ids = self._vectors.search(queries, k, allowed)
+            if self._vectors.approximate:
+                rerank = int(self.manifest.index_params.get("rerank", RERANK))
+                _, candidates = self._vectors.search(queries, k * rerank, allowed)
+                scores, ids = self._rerank(queries, candidates, k)
+            else:
+                scores, ids = self._vectors.search(queries, k, allowed)
         return [
             _matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
+
+    def configure_search(self, *, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Trade recall for speed: IVF lists visited, and candidates per result re-ranked.
+
+        Saved with the next snapshot; a retrain resets ``nprobe`` to the default for its size.
+        """
+        if rerank is not None:
+            _check_rerank(rerank)
+        with self._lock:
+            if nprobe is not None:
+                self._vectors.set_nprobe(nprobe)
+                self.manifest.index_params["nprobe"] = int(nprobe)
+            if rerank is not None:
+                self.manifest.index_params["rerank"] = int(rerank)
 
     def get(self, item_id: int) -> ItemRecord | None:
         with self._lock:
@@ -375,36 +405,71 @@ class Gallery:
             raise ValueError("embeddings must be L2-normalised (the index uses inner product)")
         return np.ascontiguousarray(array)
 
+    def _rerank(
+        self, queries: np.ndarray, candidates: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of each row's candidate ids by exact inner product with the stored
+        embeddings (one database read for the whole batch); ``-1`` pads missing results."""
+        dim = self.manifest.embedding_dim
+        wanted = np.unique(candidates[candidates >= 0])
+        found = self._store.embeddings(wanted.tolist(), dim)
+        matrix = np.zeros((len(wanted) + 1, dim), dtype=np.float32)  # last row: padding
+        known = np.zeros(len(wanted) + 1, dtype=bool)
+        for row, item_id in enumerate(wanted.tolist()):
+            vector = found.get(item_id)
+            if vector is not None:
+                matrix[row], known[row] = vector, True
+        rows = np.where(candidates >= 0, np.searchsorted(wanted, candidates), len(wanted))
+        exact = np.empty(candidates.shape, dtype=np.float32)
+        for start in range(0, len(queries), _RERANK_CHUNK):
+            stop = start + _RERANK_CHUNK
+            block = matrix[rows[start:stop]]  # (queries, candidates, dim)
+            exact[start:stop] = np.matmul(block, queries[start:stop, :, None])[:, :, 0]
+        exact[~known[rows]] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(exact, order, axis=1)
+        ids = np.where(np.isfinite(scores), np.take_along_axis(candidates, order, axis=1), -1)
+        return scores, ids
+
     def _reconcile(self, indexed: np.ndarray) -> None:
-        """Bring the loaded index in line with the database after a crash or an unsaved session."""
+        """Bring the loaded index in line with the database after a crash or an unsaved session.
+
+        When the database has outgrown the saved index type, the index is rebuilt straight from
+        the database instead of first being patched.
+        """
         stored = self._store.ids()
+        self.manifest.count = len(stored)
+        wanted = self._needed_rebuild()
+        if wanted is not None:
+            self._rebuild(wanted)
+            return
         missing = np.setdiff1d(stored, indexed, assume_unique=True)
         extra = np.setdiff1d(indexed, stored, assume_unique=True)
         self._vectors.remove(extra)
         dim = self.manifest.embedding_dim
         for ids, vectors in self._store.iter_embeddings(dim, ids=missing):
             self._vectors.add(ids, vectors)
-        self.manifest.count = len(stored)
         if self._vectors.ntotal != len(stored):
             raise GalleryCorruptError(
                 f"gallery {self.directory}: index holds {self._vectors.ntotal} vectors but the "
                 f"database {len(stored)} items"
             )
-        self._maybe_rebuild()
 
-    def _maybe_rebuild(self) -> None:
-        """Switch index type (or retrain IVF) when the gallery has outgrown the current one."""
+    def _needed_rebuild(self) -> str | None:
+        """The index type to rebuild as when the gallery has outgrown the current one, or None."""
         count = self.manifest.count
         threshold = int(self.manifest.index_params.get("large_threshold", LARGE_THRESHOLD))
         current = self._vectors.index_type
-        if current == "ivf":
+        if current in IVF_TYPES:
             # Never back to flat after removals (no flapping); retrain once grown well past.
             trained_on = int(self.manifest.index_params.get("trained_on", 1))
-            if count >= RETRAIN_GROWTH * trained_on:
-                self._rebuild("ivf")
-            return
+            return current if count >= RETRAIN_GROWTH * trained_on else None
         wanted = resolve_index_type(self.manifest.requested_index_type, count, threshold)
-        if wanted != current:
+        return wanted if wanted != current else None
+
+    def _maybe_rebuild(self) -> None:
+        wanted = self._needed_rebuild()
+        if wanted is not None:
             self._rebuild(wanted)
 
     def _rebuild(self, index_type: str) -> None:
@@ -412,7 +477,7 @@ class Gallery:
         dim = self.manifest.embedding_dim
         count = self.manifest.count
         sample = None
-        if index_type == "ivf":
+        if index_type in IVF_TYPES:
             ids = self._store.ids()
             size = VectorIndex.training_size(count)
             chosen = np.sort(np.random.default_rng(0).choice(ids, size=size, replace=False))
@@ -421,9 +486,22 @@ class Gallery:
             index_type, dim, count, sample, self._store.iter_embeddings(dim)
         )
         self._vectors = rebuilt
-        threshold = self.manifest.index_params.get("large_threshold", LARGE_THRESHOLD)
+        settings = {
+            key: self.manifest.index_params[key]
+            for key in _SETTINGS
+            if key in self.manifest.index_params
+        }
         self.manifest.index_type = index_type
-        self.manifest.index_params = {"large_threshold": threshold, **rebuilt.params}
+        self.manifest.index_params = {
+            **settings,
+            **rebuilt.params,
+            "bytes_per_item": rebuilt.bytes_per_item,
+        }
+
+
+def _check_rerank(rerank: int) -> None:
+    if int(rerank) < 1:
+        raise ValueError(f"rerank must be at least 1, got {rerank}")
 
 
 def _matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:

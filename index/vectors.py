@@ -1,12 +1,17 @@
 """The faiss inner-product index behind a gallery: type choice by size, training, filtered search.
 
-Two types share one contract (int64 ids, scores are inner products of L2-normalised vectors):
+Three types share one contract (int64 ids; scores are inner products of L2-normalised vectors):
 
 * ``flat``: ``IndexIDMap2(IndexFlatIP)``, exact; the default below ``large_threshold`` items.
-* ``ivf``: ``IndexIVFFlat`` with ``nlist`` ≈ 4·√n lists, trained on a sample of the stored
-  exact embeddings. On clustered 512-d embeddings it keeps recall@10 ≥ 0.95 at a small
-  ``nprobe`` (see docs/benchmarks.md, "Galleries"); full vectors are kept, so no re-rank stage
-  is needed and removals are exact.
+  Keeps every full vector in RAM (4·d + 8 bytes per item).
+* ``ivf``: ``IndexIVFPQ`` — the default for large galleries. ``nlist`` ≈ 4·√n lists and a
+  product quantiser of ``m`` ≈ d/4 sub-quantisers of 8 bits on the residuals, trained on a sample
+  of the stored exact embeddings. An item costs ``m`` + 8 bytes of RAM (136 at 512-d instead
+  of 2 KB), so a few hundred million items fit one machine. Its scores are approximate: the gallery
+  asks it for ``rerank``·k candidates and re-scores them with the exact embeddings from its
+  database (:attr:`VectorIndex.approximate`).
+* ``ivf_flat``: ``IndexIVFFlat`` with the same lists and full vectors (4·d + 8 bytes per item);
+  exact scores, no re-rank, when RAM is plentiful.
 
 When faiss's GPU build sees a GPU, unfiltered searches run on a GPU copy of the index that is
 refreshed after writes; the CPU index stays the master that is saved and filtered.
@@ -25,15 +30,21 @@ import numpy as np
 __all__ = [
     "INDEX_TYPES",
     "IVF_MIN_ITEMS",
+    "IVF_TYPES",
     "LARGE_THRESHOLD",
+    "RERANK",
     "VectorIndex",
     "ivf_params",
+    "pq_subquantizers",
     "resolve_index_type",
 ]
 
-INDEX_TYPES = ("auto", "flat", "ivf")
+IVF_TYPES = ("ivf", "ivf_flat")
+INDEX_TYPES = ("auto", "flat", *IVF_TYPES)
 LARGE_THRESHOLD = 100_000
 IVF_MIN_ITEMS = 1_000
+# Candidates per wanted result that an ``ivf`` (PQ) search re-scores exactly.
+RERANK = 8
 # An IVF index is retrained when the gallery has grown this many times past its training size,
 # so the number of lists keeps pace with the data.
 RETRAIN_GROWTH = 4
@@ -41,6 +52,9 @@ _POINTS_PER_LIST = 39
 _TRAIN_POINTS_PER_LIST = 48
 # k-means iterations for the coarse quantiser; faiss's 25 triples 1M-item training for no recall.
 _TRAIN_ITERATIONS = 10
+_PQ_BITS = 8
+_DIMS_PER_SUBQUANTIZER = 4
+_ID_BYTES = 8
 _GPU_MAX_K = 2048
 
 
@@ -50,14 +64,37 @@ def resolve_index_type(requested: str, count: int, large_threshold: int = LARGE_
         raise ValueError(f"unknown index type {requested!r}; choose one of {INDEX_TYPES}")
     if requested == "flat":
         return "flat"
-    threshold = IVF_MIN_ITEMS if requested == "ivf" else max(large_threshold, IVF_MIN_ITEMS)
-    return "ivf" if count >= threshold else "flat"
+    if requested == "auto":
+        return "ivf" if count >= max(large_threshold, IVF_MIN_ITEMS) else "flat"
+    return requested if count >= IVF_MIN_ITEMS else "flat"
 
 
-def ivf_params(count: int) -> dict[str, Any]:
-    """``nlist``: the power of two at or below 4·√n with ≥ 39 training points per list."""
+def pq_subquantizers(dim: int) -> int:
+    """``m``: the largest divisor of ``dim`` at or below ``dim / 4`` (128 for 512-d).
+
+    On 1M clustered 512-d vectors, 64 sub-quantisers capped recall@10 below 0.95 even with
+    16·k re-ranked candidates; 128 reach it with 8·k (docs/benchmarks.md, "Galleries").
+    """
+    limit = max(1, dim // _DIMS_PER_SUBQUANTIZER)
+    return max(m for m in range(1, limit + 1) if dim % m == 0)
+
+
+def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> dict[str, Any]:
+    """``nlist``: the power of two at or below 4·√n with ≥ 39 training points per list;
+    for ``ivf`` also the product quantiser's ``m`` (needs ``dim``) and ``nbits``."""
     target = min(4 * math.sqrt(count), count / _POINTS_PER_LIST)
     nlist = 2 ** max(0, math.floor(math.log2(max(target, 1))))
+    if index_type == "ivf":
+        if dim is None:
+            raise ValueError("an ivf (PQ) index needs the embedding dimension")
+        nprobe = min(nlist, max(16, nlist // 64))
+        return {
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "m": pq_subquantizers(dim),
+            "nbits": _PQ_BITS,
+            "trained_on": count,
+        }
     nprobe = min(nlist, max(8, nlist // 256))
     return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
 
@@ -78,6 +115,16 @@ def _numpy_search(index, queries: np.ndarray, k: int, params) -> tuple[np.ndarra
     return search(queries, k, params=params)
 
 
+def _type_of(index: faiss.Index) -> str:
+    """The gallery type a loaded faiss index is (galleries saved before ``ivf`` meant PQ held
+    an ``IndexIVFFlat`` under the name ``ivf``)."""
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivf"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivf_flat"
+    return "flat"
+
+
 class VectorIndex:
     """A faiss index of one type with add/remove/search by int64 id."""
 
@@ -87,7 +134,7 @@ class VectorIndex:
         self.params = dict(params)
         self._gpu_resources = _gpu_resources()
         self._gpu_index: faiss.Index | None = None
-        if index_type == "ivf":
+        if index_type in IVF_TYPES:
             faiss.extract_index_ivf(index).nprobe = int(self.params["nprobe"])
 
     @classmethod
@@ -96,20 +143,42 @@ class VectorIndex:
 
     @classmethod
     def trained_ivf(
-        cls, dim: int, count: int, sample: np.ndarray, params: dict[str, Any] | None = None
+        cls,
+        dim: int,
+        count: int,
+        sample: np.ndarray,
+        params: dict[str, Any] | None = None,
+        index_type: str = "ivf",
     ) -> VectorIndex:
-        """An empty IVF index whose coarse quantiser is trained on ``sample``."""
-        params = params or ivf_params(count)
+        """An empty IVF index (PQ for ``ivf``) whose quantisers are trained on ``sample``."""
+        if index_type not in IVF_TYPES:
+            raise ValueError(f"not an IVF type: {index_type!r}")
+        params = params or ivf_params(count, index_type, dim)
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        nlist = int(params["nlist"])
+        if index_type == "ivf":
+            index = faiss.IndexIVFPQ(
+                quantizer,
+                dim,
+                nlist,
+                int(params["m"]),
+                int(params["nbits"]),
+                faiss.METRIC_INNER_PRODUCT,
+            )
+            # Small galleries train the 256 codes per sub-quantiser on fewer points than faiss's
+            # advice; the exact re-rank absorbs the coarser codes, so silence the warning.
+            index.pq.cp.min_points_per_centroid = 1
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = _TRAIN_ITERATIONS
+        index.cp.min_points_per_centroid = 1
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        return cls(index, "ivf", params)
+        return cls(index, index_type, params)
 
     @staticmethod
     def training_size(count: int) -> int:
         """How many stored vectors to sample for training an IVF index over ``count`` items."""
-        return min(count, ivf_params(count)["nlist"] * _TRAIN_POINTS_PER_LIST)
+        return min(count, ivf_params(count, "ivf_flat")["nlist"] * _TRAIN_POINTS_PER_LIST)
 
     @classmethod
     def build(
@@ -126,14 +195,16 @@ class VectorIndex:
         else:
             if sample is None:
                 raise ValueError("an IVF index needs a training sample")
-            built = cls.trained_ivf(dim, count, sample)
+            built = cls.trained_ivf(dim, count, sample, index_type=index_type)
         for ids, vectors in blocks:
             built.add(ids, vectors)
         return built
 
     @classmethod
-    def read(cls, path: Path, index_type: str, params: dict[str, Any]) -> VectorIndex:
-        return cls(faiss.read_index(str(path)), index_type, params)
+    def read(cls, path: Path, params: dict[str, Any]) -> VectorIndex:
+        """Load a saved index; its type comes from the file, not from what the caller expects."""
+        index = faiss.read_index(str(path))
+        return cls(index, _type_of(index), params)
 
     def write(self, path: Path) -> None:
         faiss.write_index(self.index, str(path))
@@ -144,8 +215,34 @@ class VectorIndex:
         return self._gpu_resources is not None
 
     @property
+    def approximate(self) -> bool:
+        """Whether scores are approximate (PQ codes), so results need an exact re-rank."""
+        return self.index_type == "ivf"
+
+    @property
+    def bytes_per_item(self) -> int:
+        """RAM one item costs in the index: its stored code or vector plus its 8-byte id.
+
+        Fixed costs (coarse centroids, codebooks) and, for ``flat``, the id map's hash table
+        come on top.
+        """
+        if self.index_type == "ivf":
+            return int(faiss.extract_index_ivf(self.index).code_size) + _ID_BYTES
+        return 4 * int(self.index.d) + _ID_BYTES
+
+    @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """How many lists an IVF search visits (more: higher recall, slower)."""
+        if self.index_type not in IVF_TYPES:
+            raise ValueError(f"nprobe applies to IVF indexes, this one is {self.index_type!r}")
+        if nprobe <= 0:
+            raise ValueError(f"nprobe must be positive, got {nprobe}")
+        self.params["nprobe"] = int(nprobe)
+        faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
+        self._gpu_index = None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -189,8 +286,11 @@ class VectorIndex:
         if self._gpu_resources is None or k > _GPU_MAX_K:
             return self.index
         if self._gpu_index is None:
-            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
-            if self.index_type == "ivf":
+            options = faiss.GpuClonerOptions()
+            # 64 sub-quantisers' lookup tables exceed a block's shared memory in float32.
+            options.useFloat16LookupTables = self.index_type == "ivf"
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index, options)
+            if self.index_type in IVF_TYPES:
                 faiss.GpuParameterSpace().set_index_parameter(
                     self._gpu_index, "nprobe", int(self.params["nprobe"])
                 )

@@ -146,7 +146,7 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path: Path) -> None:
         assert len(gallery) == 0
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivf_flat"])
 def test_label_filter_returns_k_results_of_a_rare_label(tmp_path: Path, index_type: str) -> None:
     vectors = unit_vectors(3000)
     with create(tmp_path / "g", index_type=index_type) as gallery:
@@ -258,3 +258,67 @@ def test_gpu_search_matches_exact_search(tmp_path: Path) -> None:
         assert gallery.search_device == "gpu"
     exact = np.argsort(-(vectors[:50] @ vectors.T), axis=1)[:, :10] + 1
     assert [[m.id for m in row] for row in hits] == exact.tolist()
+
+
+def _exact_top(queries: np.ndarray, vectors: np.ndarray, k: int) -> list[list[int]]:
+    return (np.argsort(-(queries @ vectors.T), axis=1)[:, :k] + 1).tolist()
+
+
+def test_ivf_pq_reranks_candidates_to_exact_scores_in_little_memory(tmp_path: Path) -> None:
+    vectors, queries = unit_vectors(4000), unit_vectors(40, seed=7)
+    with create(tmp_path / "g", index_type="ivf", rerank=30) as gallery:
+        gallery.add(vectors, grids(4000), items(0, 4000))
+        params = gallery.manifest.index_params
+        assert gallery.manifest.index_type == "ivf" and params["m"] == DIM // 4
+        assert params["bytes_per_item"] == params["m"] + 8  # PQ codes + id, not 4·d + 8
+        gallery.configure_search(nprobe=params["nlist"])  # isolate the PQ + re-rank stage
+        hits = gallery.search(queries, k=10)
+        for query, row in zip(queries, hits, strict=True):
+            exact = vectors[[m.id - 1 for m in row]] @ query
+            np.testing.assert_allclose([m.score for m in row], exact, rtol=0, atol=1e-6)
+            assert [m.rank for m in row] == list(range(1, 11))
+            assert [m.score for m in row] == sorted((m.score for m in row), reverse=True)
+        truth = _exact_top(queries, vectors, 10)
+        found = [[m.id for m in row] for row in hits]
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
+        assert recall >= 0.95
+        gallery.configure_search(rerank=1)  # k candidates only: the PQ order alone is worse
+        coarse = [[m.id for m in row] for row in gallery.search(queries, k=10)]
+        worse = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(coarse, truth, strict=True)])
+        assert worse < recall
+        removed = found[0][0]
+        assert gallery.remove([removed]) == 1
+        assert all(m.id != removed for m in gallery.search(queries[:1], k=10)[0])
+        gallery.save()
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert gallery.manifest.index_params["rerank"] == 1 and len(gallery) == 3999
+        assert gallery.search(vectors[5:6], k=1)[0][0].id == 6
+
+
+def test_index_types_report_their_memory_per_item(tmp_path: Path) -> None:
+    with create(tmp_path / "flat") as gallery:
+        assert gallery.manifest.index_params["bytes_per_item"] == 4 * DIM + 8
+        with pytest.raises(ValueError, match="IVF"):
+            gallery.configure_search(nprobe=4)
+        with pytest.raises(ValueError, match="rerank"):
+            gallery.configure_search(rerank=0)
+    with create(tmp_path / "ivf_flat", index_type="ivf_flat") as gallery:
+        gallery.add(unit_vectors(1200), grids(1200), items(0, 1200))
+        assert gallery.manifest.index_type == "ivf_flat"
+        assert gallery.manifest.index_params["bytes_per_item"] == 4 * DIM + 8
+    with pytest.raises(ValueError, match="rerank"):
+        create(tmp_path / "bad", rerank=0)
+
+
+def test_reopen_rebuilds_straight_to_the_type_the_database_has_outgrown(tmp_path: Path) -> None:
+    vectors = unit_vectors(2500)
+    with create(tmp_path / "g", large_threshold=2000) as gallery:
+        gallery.add(vectors[:1500], grids(1500), items(0, 1500))
+        gallery.save()
+        gallery.add(vectors[1500:], grids(1000), items(1500, 2500))  # switches, never saved
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert gallery.manifest.index_type == "ivf" and len(gallery) == 2500
+        assert gallery.manifest.index_params["trained_on"] == 2500
+        gallery.configure_search(nprobe=gallery.manifest.index_params["nlist"])
+        hits = gallery.search(vectors[1500::100], k=1)
+        assert [row[0].id for row in hits] == list(range(1501, 2501, 100))
