@@ -43,7 +43,19 @@ from app.service.schemas import (
 from app.service.settings import Settings
 from app.service.state import ServiceState, service_state
 
-__all__ = ["ApiError", "build_router", "check_api_key"]
+__all__ = [
+    "ApiError",
+    "State",
+    "build_matches",
+    "build_router",
+    "check_api_key",
+    "decode_upload",
+    "error_responses",
+    "item_urls",
+    "read_upload",
+    "record_stage",
+    "search_gallery",
+]
 
 MAX_ITEM_ID = 2**63 - 1
 ItemId = Annotated[int, Path(ge=0, le=MAX_ITEM_ID, description="gallery item id")]
@@ -61,7 +73,8 @@ class ApiError(Exception):
         self.detail = detail
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route, so its documented errors appear in the OpenAPI schema."""
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
@@ -84,14 +97,15 @@ def check_writable(state: State) -> None:
         raise ApiError(409, "read_only", "the gallery is served read-only (gallery_read_only)")
 
 
-def _stage(request: Request, name: str, started: float) -> float:
+def record_stage(request: Request, name: str, started: float) -> float:
     """Record a stage duration (ms) for the access log and metrics; returns it."""
     elapsed = (time.perf_counter() - started) * 1000.0
     request.state.stages[name] = elapsed
     return elapsed
 
 
-async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes; reads one byte past the limit so oversized uploads fail early (413)."""
     data = await upload.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ImageRejected(
@@ -102,7 +116,8 @@ async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-def _decode(data: bytes, content_type: str | None, settings: Settings) -> DecodedImage:
+def decode_upload(data: bytes, content_type: str | None, settings: Settings) -> DecodedImage:
+    """Decode an upload under the service's size and pixel limits."""
     return decode_image(
         data,
         content_type=content_type,
@@ -111,7 +126,8 @@ def _decode(data: bytes, content_type: str | None, settings: Settings) -> Decode
     )
 
 
-def _urls(request: Request, item_id: int) -> dict[str, str]:
+def item_urls(request: Request, item_id: int) -> dict[str, str]:
+    """Image and thumbnail URLs of an item, honouring a proxy's ``root_path``."""
     base = f"{request.scope.get('root_path', '')}/v1/gallery/{item_id}"
     return {"image_url": f"{base}/image", "thumbnail_url": f"{base}/thumbnail"}
 
@@ -120,7 +136,7 @@ def _heatmap_url(request: Request, item_id: int) -> str:
     return f"{request.scope.get('root_path', '')}/v1/gallery/{item_id}/heatmap"
 
 
-def _search_gallery(
+def search_gallery(
     embedding: np.ndarray, k: int, label: str | None, exclude: int | None
 ) -> Callable[[Any], list[tuple[Any, Any]]]:
     """A gallery-thread function that searches and fetches the records: (match, record) pairs."""
@@ -136,7 +152,8 @@ def _search_gallery(
     return work
 
 
-def _matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool) -> list[Match]:
+def build_matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool) -> list[Match]:
+    """The response models of :func:`search_gallery`'s (match, record) pairs, ranked from 1."""
     matches = []
     for rank, (match, record) in enumerate(pairs, start=1):
         heatmap = None
@@ -151,7 +168,7 @@ def _matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool) -> 
                 source=str(record.source),
                 metadata=dict(record.extra or {}),
                 heatmap=heatmap,
-                **_urls(request, int(record.id)),
+                **item_urls(request, int(record.id)),
             )
         )
     return matches
@@ -171,13 +188,13 @@ def build_router(settings: Settings) -> APIRouter:
         exclude: int | None,
     ) -> tuple[list[Any], float]:
         started = time.perf_counter()
-        pairs = await state.store.run(_search_gallery(embedding, k, label, exclude))
-        return pairs, _stage(request, "search", started)
+        pairs = await state.store.run(search_gallery(embedding, k, label, exclude))
+        return pairs, record_stage(request, "search", started)
 
     @router.post(
         "/search",
         response_model=SearchResponse,
-        responses=_errors(400, 413, 415, 503),
+        responses=error_responses(400, 413, 415, 503),
         summary="Search the gallery with an uploaded image",
         tags=["search"],
     )
@@ -193,17 +210,17 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> SearchResponse:
         begun = time.perf_counter()
         started = time.perf_counter()
-        data = await _read_upload(image, settings)
+        data = await read_upload(image, settings)
 
         def decode_and_prepare() -> tuple[DecodedImage, Any]:
-            decoded = _decode(data, image.content_type, settings)
+            decoded = decode_upload(data, image.content_type, settings)
             return decoded, state.engine.prepare(decoded.image)
 
         decoded, tensor = await run_in_threadpool(decode_and_prepare)
-        decode_ms = _stage(request, "decode", started)
+        decode_ms = record_stage(request, "decode", started)
         started = time.perf_counter()
         embedded = await state.engine.embed(tensor)
-        embed_ms = _stage(request, "embed", started)
+        embed_ms = record_stage(request, "embed", started)
         pairs, search_ms = await run_search(request, state, embedded.embedding, k, label, None)
         query_heatmap = None
         if heatmaps:
@@ -231,7 +248,7 @@ def build_router(settings: Settings) -> APIRouter:
                 frames=decoded.frames,
                 heatmap=query_heatmap,
             ),
-            matches=_matches(request, pairs, heatmaps),
+            matches=build_matches(request, pairs, heatmaps),
             timings=Timings(
                 decode_ms=decode_ms,
                 embed_ms=embed_ms,
@@ -243,7 +260,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/search/by-id/{item_id}",
         response_model=SearchResponse,
-        responses=_errors(404),
+        responses=error_responses(404),
         summary="Search with the stored embedding of a gallery item (the item itself excluded)",
         tags=["search"],
     )
@@ -263,7 +280,7 @@ def build_router(settings: Settings) -> APIRouter:
         embedding, record = found
         if embedding is None or record is None:
             raise ApiError(404, "unknown_id", f"no gallery item with id {item_id}")
-        decode_ms = _stage(request, "decode", started)
+        decode_ms = record_stage(request, "decode", started)
         pairs, search_ms = await run_search(
             request, state, np.asarray(embedding), k, label, item_id
         )
@@ -283,7 +300,7 @@ def build_router(settings: Settings) -> APIRouter:
                 if heatmaps
                 else None,
             ),
-            matches=_matches(request, pairs, heatmaps),
+            matches=build_matches(request, pairs, heatmaps),
             timings=Timings(
                 decode_ms=decode_ms,
                 embed_ms=0.0,
@@ -310,7 +327,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get(
         "/gallery/{item_id}",
         response_model=ItemResponse,
-        responses=_errors(404),
+        responses=error_responses(404),
         summary="Metadata of one gallery item",
         tags=["gallery"],
     )
@@ -324,12 +341,12 @@ def build_router(settings: Settings) -> APIRouter:
             added_at=record.added_at,
             metadata=dict(record.extra or {}),
             heatmap=heatmap_model(record.weights, _heatmap_url(request, item_id)),
-            **_urls(request, item_id),
+            **item_urls(request, item_id),
         )
 
     image_responses: dict[int | str, dict[str, Any]] = {
         200: {"content": {"image/*": {}}, "description": "the image"},
-        **_errors(404),
+        **error_responses(404),
     }
 
     @router.get(
@@ -361,7 +378,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get(
         "/gallery/{item_id}/thumbnail",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}, **_errors(404)},
+        responses={200: {"content": {"image/jpeg": {}}}, **error_responses(404)},
         summary="A JPEG thumbnail of a gallery item",
         tags=["gallery"],
     )
@@ -372,7 +389,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get(
         "/gallery/{item_id}/heatmap",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, **_errors(404)},
+        responses={200: {"content": {"image/png": {}}}, **error_responses(404)},
         summary="The item's heatmap drawn over its thumbnail, as PNG",
         tags=["gallery"],
     )
@@ -395,7 +412,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/gallery",
         response_model=AddResponse,
-        responses=_errors(400, 401, 403, 409, 413, 415, 503),
+        responses=error_responses(400, 401, 403, 409, 413, 415, 503),
         dependencies=[Depends(check_api_key), Depends(check_writable)],
         summary="Add images (with labels and metadata) to the gallery",
         tags=["gallery"],
@@ -421,13 +438,13 @@ def build_router(settings: Settings) -> APIRouter:
             )
         per_image_labels = _spread(labels or [], count, "labels")
         per_image_extra = _parse_metadata(metadata, count)
-        blobs = [await _read_upload(upload, settings) for upload in images]
+        blobs = [await read_upload(upload, settings) for upload in images]
 
         def decode_all() -> list[tuple[DecodedImage, Any]]:
             decoded = []
             for index, (upload, data) in enumerate(zip(images, blobs, strict=True)):
                 try:
-                    one = _decode(data, upload.content_type, settings)
+                    one = decode_upload(data, upload.content_type, settings)
                 except ImageRejected as error:
                     raise ImageRejected(
                         error.status, error.code, f"image {index}: {error.message}"
@@ -488,7 +505,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.delete(
         "/gallery/{item_id}",
         response_model=DeleteResponse,
-        responses=_errors(401, 403, 404, 409),
+        responses=error_responses(401, 403, 404, 409),
         dependencies=[Depends(check_api_key), Depends(check_writable)],
         summary="Remove an item from the gallery",
         tags=["gallery"],
@@ -515,7 +532,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/admin/reload-gallery",
         response_model=ReloadResponse,
-        responses=_errors(401, 403, 409),
+        responses=error_responses(401, 403, 409),
         dependencies=[Depends(check_api_key)],
         summary="Re-open the gallery directory (rebuilt offline) and swap it in atomically",
         tags=["admin"],

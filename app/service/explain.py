@@ -23,13 +23,13 @@ from starlette.concurrency import run_in_threadpool
 from app.service.api import (
     ApiError,
     State,
-    _decode,
-    _errors,
-    _matches,
-    _read_upload,
-    _search_gallery,
-    _stage,
-    _urls,
+    build_matches,
+    decode_upload,
+    error_responses,
+    item_urls,
+    read_upload,
+    record_stage,
+    search_gallery,
 )
 from app.service.images import DecodedImage, ImageRejected, decode_image, thumbnail
 from app.service.rendering import centre_crop, heatmap_model, overlay_png, png_data_url
@@ -58,6 +58,22 @@ MAX_RECTANGLES = 64
 _ASPECT_TOLERANCE = 0.02
 
 router = APIRouter(prefix="/v1")
+# A 422 is either FastAPI's validation error or the service's own error for k above max_k.
+_VALIDATION_OR_API_ERROR: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "Validation error, or k above max_k (code bad_k)",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/HTTPValidationError"},
+                        {"$ref": "#/components/schemas/ErrorResponse"},
+                    ]
+                }
+            }
+        },
+    }
+}
 
 
 class PrototypeExplanation(BaseModel):
@@ -142,8 +158,8 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
 
 
 async def _upload_image(upload: UploadFile, state: ServiceState) -> DecodedImage:
-    data = await _read_upload(upload, state.settings)
-    return await run_in_threadpool(_decode, data, upload.content_type, state.settings)
+    data = await read_upload(upload, state.settings)
+    return await run_in_threadpool(decode_upload, data, upload.content_type, state.settings)
 
 
 def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
@@ -177,7 +193,7 @@ def _described(
         label=record.label,
         source=str(record.source),
         heatmap=heatmap,
-        **_urls(request, int(record.id)),
+        **item_urls(request, int(record.id)),
     )
 
 
@@ -187,7 +203,7 @@ def _described(
 @router.post(
     "/explain",
     response_model=ExplainResponse,
-    responses=_errors(400, 404, 409, 413, 415, 422),
+    responses=error_responses(400, 404, 409, 413, 415),
     summary="Why a gallery item matches a query: the score split over GSP prototypes",
     tags=["explain"],
 )
@@ -307,7 +323,7 @@ def _check_aspect(mask: np.ndarray, size: tuple[int, int], name: str) -> None:
 @router.post(
     "/search/regions",
     response_model=SearchResponse,
-    responses=_errors(400, 409, 413, 415, 422),
+    responses={**error_responses(400, 409, 413, 415), **_VALIDATION_OR_API_ERROR},
     summary="Search with marked regions of the query favoured or ignored (GSP re-pooling)",
     tags=["search"],
 )
@@ -356,7 +372,7 @@ async def search_regions(
     for name, mask in masks.items():
         if mask is not None:
             _check_aspect(mask, decoded.image.size, name)
-    decode_ms = _stage(request, "decode", started)
+    decode_ms = record_stage(request, "decode", started)
 
     def embed() -> Any:
         preprocessing = state.engine.preprocessing
@@ -393,12 +409,12 @@ async def search_regions(
         raise ApiError(409, "needs_gsp", str(error)) from None
     except ExplainError as error:
         raise ApiError(400, "bad_regions", str(error)) from None
-    embed_ms = _stage(request, "embed", started)
+    embed_ms = record_stage(request, "embed", started)
     embedding = output.embedding[0].float().cpu().numpy()
     weights = output.weights[0].float().cpu().numpy()
     started = time.perf_counter()
-    pairs = await state.store.run(_search_gallery(embedding, k, label, None))
-    search_ms = _stage(request, "search", started)
+    pairs = await state.store.run(search_gallery(embedding, k, label, None))
+    search_ms = record_stage(request, "search", started)
     query_heatmap = None
     if heatmaps:
         square = await run_in_threadpool(_network_square, state, decoded.image)
@@ -416,7 +432,7 @@ async def search_regions(
             frames=decoded.frames,
             heatmap=query_heatmap,
         ),
-        matches=_matches(request, pairs, heatmaps),
+        matches=build_matches(request, pairs, heatmaps),
         timings=Timings(
             decode_ms=decode_ms,
             embed_ms=embed_ms,

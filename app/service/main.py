@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.service.api import ApiError, build_router
 from app.service.batching import BatcherClosed
+from app.service.explain import router as explain_router
 from app.service.images import ImageRejected, treat_decompression_bombs_as_errors
 from app.service.inference import InferenceEngine, resolve_device
 from app.service.logging import configure_logging
@@ -154,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
         return _error(503, "unavailable", str(error))
 
     app.include_router(build_router(settings))
+    app.include_router(explain_router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
     async def healthz() -> Health:

@@ -5,12 +5,24 @@ additions and removals never interleave and the SQLite/faiss objects are only ev
 the thread that opened them. A reload opens the new gallery completely on that thread, then
 swaps the reference and closes the old one: requests before the swap finished on the old
 gallery, requests after it see the new one, and none fails.
+
+Snapshots are coalesced. Every write is a committed SQLite transaction before the API answers,
+and opening a gallery re-syncs its index from the database, so an acknowledged write survives a
+crash without a snapshot. Rewriting the whole faiss index after each write would cost seconds on
+a large gallery; instead a ``save()`` from request code only marks the gallery dirty, and the
+store writes the snapshot after ``save_every`` such writes, ``save_interval`` seconds after the
+first unsaved one, before a reload and on shutdown. An unsaved tail only lengthens the next
+open's re-sync.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,16 +34,36 @@ from app.service.inference import StartupError
 if TYPE_CHECKING:
     from index.gallery import Gallery
 
-__all__ = ["UPLOADS_DIR", "GalleryStore", "ReloadResult"]
+__all__ = ["SAVE_EVERY", "SAVE_INTERVAL_S", "UPLOADS_DIR", "GalleryStore", "ReloadResult"]
 
 T = TypeVar("T")
 UPLOADS_DIR = "uploads"
+SAVE_EVERY = 100
+SAVE_INTERVAL_S = 60.0
+_log = logging.getLogger("gsp.service")
 
 
 @dataclass(frozen=True)
 class ReloadResult:
     previous_count: int
     count: int
+
+
+class _CoalescedSaves:
+    """The gallery as request functions see it: everything is the current gallery's, except
+    that ``save()`` asks the store for a snapshot instead of writing one at once."""
+
+    def __init__(self, store: GalleryStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store.gallery, name)
+
+    def __len__(self) -> int:
+        return len(self._store.gallery)
+
+    def save(self) -> None:
+        self._store._request_save()
 
 
 class GalleryStore:
@@ -45,9 +77,20 @@ class GalleryStore:
         preprocessing: dict[str, Any],
         image_roots: list[Path],
         read_only: bool = False,
+        save_every: int = SAVE_EVERY,
+        save_interval: float = SAVE_INTERVAL_S,
     ) -> None:
+        if save_every < 1 or save_interval <= 0:
+            raise ValueError(
+                f"save_every must be >= 1 and save_interval > 0, got {save_every}, {save_interval}"
+            )
         self.directory = directory
         self.read_only = read_only
+        self.save_every = save_every
+        self.save_interval = save_interval
+        self.unsaved_writes = 0
+        self._timer: threading.Timer | None = None
+        self._view = _CoalescedSaves(self)
         self._fingerprint = model_fingerprint
         self._preprocessing = preprocessing
         self._image_roots = list(image_roots)
@@ -96,18 +139,60 @@ class GalleryStore:
 
     def call(self, function: Callable[[Gallery], T]) -> T:
         """Like :meth:`run`, for code outside the event loop (startup)."""
-        return self._executor.submit(lambda: function(self._gallery)).result()
+        return self._executor.submit(lambda: function(self._view)).result()
 
     async def run(self, function: Callable[[Gallery], T]) -> T:
-        """Run ``function(gallery)`` on the gallery thread and return its result."""
+        """Run ``function(gallery)`` on the gallery thread and return its result.
+
+        The gallery's ``save()`` there is coalesced (see the module docstring).
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: function(self._gallery))
+        return await loop.run_in_executor(self._executor, lambda: function(self._view))
+
+    def _request_save(self) -> None:
+        """On the gallery thread: count a write, snapshot when enough are pending."""
+        self.unsaved_writes += 1
+        if self.unsaved_writes >= self.save_every:
+            self._flush()
+        elif self._timer is None:
+            self._timer = threading.Timer(self.save_interval, self._flush_from_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _flush_from_timer(self) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile; close() has flushed
+            self._executor.submit(self._flush)
+
+    def _flush(self) -> None:
+        """On the gallery thread: write a snapshot if writes are pending."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.unsaved_writes or self._gallery.read_only:
+            return
+        started = time.perf_counter()
+        try:
+            self._gallery.save()
+        except OSError as error:  # the database still holds every write; retry next time
+            _log.error("gallery snapshot failed (writes are safe in the database): %s", error)
+            return
+        _log.info(
+            "gallery snapshot after %d writes in %.2f s",
+            self.unsaved_writes,
+            time.perf_counter() - started,
+        )
+        self.unsaved_writes = 0
+
+    def flush(self) -> None:
+        """Write a snapshot now if any write is not in one yet."""
+        self._executor.submit(self._flush).result()
 
     def _reload(self) -> ReloadResult:
         from index.errors import GalleryLockedError
 
         old = self._gallery
         previous = len(old)
+        self._flush()
         try:
             fresh = self._open()
         except StartupError as error:
@@ -133,7 +218,13 @@ class GalleryStore:
         return await loop.run_in_executor(self._executor, self._reload)
 
     def close(self) -> None:
-        self._executor.submit(self._gallery.close).result()
+        """Snapshot pending writes, then release the gallery and its thread."""
+
+        def finish() -> None:
+            self._flush()
+            self._gallery.close()
+
+        self._executor.submit(finish).result()
         self._executor.shutdown(wait=True)
 
     # -- files -------------------------------------------------------------------------------
