@@ -597,6 +597,7 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "images_per_s": images / max(time.perf_counter() - began, 1e-9),
+            "world_size": ctx.world_size,
             "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
         }
         checkpoint = epoch % config.checkpoint_every == 0 or epoch == config.schedule.epochs

@@ -194,3 +194,35 @@ def test_config_overrides_are_typed_and_checked(tmp_path: Path) -> None:
         load_training_config(path, ["optimizer.lr_typo=1"])
     with pytest.raises(ValueError, match=r"key\.sub=value"):
         load_training_config(path, ["epochs"])
+
+
+def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
+    """The same command under torchrun: two CPU processes (gloo), DistributedDataParallel,
+    one writer."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from model.checkpoint import load_checkpoint
+
+    raw = _raw_config(tmp_path)
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(port),
+        "-m", "app.cli", "train", "--config", str(config_file), "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = Path(raw["output_dir"])
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]  # rank 0 alone writes
+    assert all(r["world_size"] == 2 and np.isfinite(r["loss"]) for r in records)
+    final = load_checkpoint(run / "epoch-002").net
+    assert final.pooling.prototypes.isfinite().all()
