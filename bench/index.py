@@ -4,11 +4,11 @@
 embeddings, on two data sets: ``easy`` (a few thousand independent centres on the sphere, equal
 cluster sizes; same-cluster cosine 0.5-0.8) and ``hard`` (centres grouped in families whose
 members overlap, cluster sizes from a long-tailed Zipf law, wider noise). For each, a real
-gallery is filled through its SQLite store and reopened, which builds the default large index
-(``ivf``: IVF-PQ, parameters from ``index.vectors.ivf_params``); ``Gallery.search`` — PQ
-candidates plus the exact re-rank that reads their embeddings back from SQLite — is compared
-with exact flat search: recall@10 and queries/s side by side, over an ``nprobe`` x ``rerank``
-sweep, and the index's RAM per item.
+gallery is filled through its SQLite store and reopened, which builds the index ``auto`` picks
+for that size (``ivf_sq8`` at 1M items; ``--index-type ivf`` for the compact IVF-PQ tier, whose
+search adds an exact re-rank that reads candidates' embeddings back from SQLite);
+``Gallery.search`` is compared with exact flat search: recall@10 and queries/s side by side,
+over an ``nprobe`` (x ``rerank`` for ``ivf``) sweep, and the index's RAM per item.
 
 (b) ``python -m bench.index build [--images 1000]``: ``build_gallery`` over real CIFAR-10 JPEGs
 (extracted from the shared archive into .cache/) against the model's own forward throughput at
@@ -126,14 +126,18 @@ def timed(search, queries: np.ndarray, repeats: int):
     return statistics.median(rates), result
 
 
-def fill_gallery(directory: Path, vectors: np.ndarray) -> None:
+def fill_gallery(directory: Path, vectors: np.ndarray, index_type: str) -> None:
     """A gallery whose SQLite store holds ``vectors`` (ids 1..n) and whose saved index is still
     the empty one it was created with: the next open builds the large index from the store."""
     from index.gallery import DATABASE, Gallery
     from index.metadata import ItemRow, MetadataStore
 
     Gallery.create(
-        directory, model_fingerprint="bench", preprocessing={}, embedding_dim=vectors.shape[1]
+        directory,
+        model_fingerprint="bench",
+        preprocessing={},
+        embedding_dim=vectors.shape[1],
+        index_type=index_type,
     ).close()
     store = MetadataStore(directory / DATABASE)
     grid = np.zeros((7, 7), dtype=np.float32)
@@ -150,7 +154,14 @@ def fill_gallery(directory: Path, vectors: np.ndarray) -> None:
 
 
 def bench_search(
-    n: int, dim: int, clusters: int, queries: int, k: int, dataset: str, scratch: Path
+    n: int,
+    dim: int,
+    clusters: int,
+    queries: int,
+    k: int,
+    dataset: str,
+    scratch: Path,
+    index_type: str,
 ) -> None:
     import faiss
 
@@ -174,7 +185,7 @@ def bench_search(
 
     directory = scratch / f"gallery-{dataset}"
     started = time.perf_counter()
-    fill_gallery(directory, base)
+    fill_gallery(directory, base, index_type)
     filled = time.perf_counter() - started
     del base
     started = time.perf_counter()
@@ -194,8 +205,11 @@ def bench_search(
         f"full vectors would be {4 * dim + 8} B/item"
     )
     default_nprobe, default_rerank = int(params["nprobe"]), int(params["rerank"])
-    settings = [(default_nprobe, r) for r in (1, 4, default_rerank, 16)]
-    settings += [(p, default_rerank) for p in (default_nprobe // 2, default_nprobe * 2)]
+    settings = [
+        (p, default_rerank) for p in (default_nprobe // 2, default_nprobe, default_nprobe * 2)
+    ]
+    if gallery.manifest.index_type == "ivf":  # only PQ candidates are re-ranked
+        settings += [(default_nprobe, r) for r in (1, 4, 16)]
     print("| nprobe | rerank | recall@10 | queries/s | vs exact |")
     for nprobe, rerank in sorted(set(settings)):
         gallery.configure_search(nprobe=nprobe, rerank=rerank)
@@ -282,6 +296,9 @@ def main() -> None:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--data", choices=(*DATASETS, "both"), default="both")
     search.add_argument("--scratch", type=Path, default=CACHE, help="where galleries are built")
+    search.add_argument(
+        "--index-type", default="auto", help="auto (what the gallery picks for --n) or a type"
+    )
     build = sub.add_parser("build")
     build.add_argument("--images", type=int, default=1000)
     build.add_argument("--batch-size", type=int, default=64)
@@ -295,7 +312,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
             for dataset in DATASETS if args.data == "both" else (args.data,):
                 bench_search(
-                    args.n, args.dim, args.clusters, args.queries, args.k, dataset, Path(scratch)
+                    args.n,
+                    args.dim,
+                    args.clusters,
+                    args.queries,
+                    args.k,
+                    dataset,
+                    Path(scratch),
+                    args.index_type,
                 )
     else:
         bench_build(args.images, args.batch_size, args.backbone, args.image_size, args.workers)

@@ -38,6 +38,7 @@ from index.manifest import Manifest, canonical_preprocessing, check_compatible, 
 from index.metadata import ItemRecord, ItemRow, MetadataStore
 from index.snapshot import clean_stale, current_snapshot, write_snapshot
 from index.vectors import (
+    COMPACT_THRESHOLD,
     INDEX_TYPES,
     IVF_TYPES,
     LARGE_THRESHOLD,
@@ -57,7 +58,7 @@ LOCK_FILE = "writer.lock"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NORM_TOLERANCE = 1e-3
 # Index parameters chosen by the user, kept when the index is rebuilt or retrained.
-_SETTINGS = ("large_threshold", "rerank")
+_SETTINGS = ("large_threshold", "compact_threshold", "rerank")
 # Queries re-ranked per matrix product (bounds the candidates x dim scratch array).
 _RERANK_CHUNK = 128
 
@@ -127,18 +128,25 @@ class Gallery:
         embedding_dim: int,
         index_type: str = "auto",
         large_threshold: int = LARGE_THRESHOLD,
+        compact_threshold: int = COMPACT_THRESHOLD,
         rerank: int = RERANK,
     ) -> Gallery:
         """A new, empty gallery in ``directory`` (which must not exist or be empty).
 
-        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf``), ``flat``,
-        ``ivf`` (IVF-PQ with exact re-rank) or ``ivf_flat`` (IVF with full vectors), the IVF
-        types as soon as there are enough vectors to train them. ``rerank``: an ``ivf`` search
-        re-scores ``rerank``·k candidates with their exact embeddings.
+        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf_sq8``, and
+        ``ivf`` from ``compact_threshold`` items on), ``flat``, ``ivf_sq8`` (IVF with 8-bit
+        scalar codes), ``ivf`` (IVF-PQ with exact re-rank) or ``ivf_flat`` (IVF with full
+        vectors), the IVF types as soon as there are enough vectors to train them. ``rerank``:
+        an ``ivf`` search re-scores ``rerank``·k candidates with their exact embeddings.
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
         _check_rerank(rerank)
+        if not 0 < large_threshold <= compact_threshold:
+            raise ValueError(
+                "need 0 < large_threshold <= compact_threshold, got "
+                f"{large_threshold} and {compact_threshold}"
+            )
         if embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
         if not model_fingerprint:
@@ -156,6 +164,7 @@ class Gallery:
             index_type="flat",
             index_params={
                 "large_threshold": int(large_threshold),
+                "compact_threshold": int(compact_threshold),
                 "rerank": int(rerank),
                 "bytes_per_item": vectors.bytes_per_item,
             },
@@ -319,8 +328,9 @@ class Gallery:
         """The ``k`` best matches per query row; with ``label``, only items of that label
         (still ``k`` results whenever the label has at least ``k`` items).
 
-        Scores are exact cosines: an ``ivf`` (PQ) index only proposes ``rerank``·k candidates,
-        which are re-scored with their exact embeddings read from the database in one query.
+        Scores are exact cosines, except on ``ivf_sq8`` where they come from 8-bit codes (within
+        about 1e-3): an ``ivf`` (PQ) index only proposes ``rerank``·k candidates, which are
+        re-scored with their exact embeddings read from the database in one query.
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
@@ -458,13 +468,21 @@ class Gallery:
     def _needed_rebuild(self) -> str | None:
         """The index type to rebuild as when the gallery has outgrown the current one, or None."""
         count = self.manifest.count
-        threshold = int(self.manifest.index_params.get("large_threshold", LARGE_THRESHOLD))
+        params = self.manifest.index_params
+        wanted = resolve_index_type(
+            self.manifest.requested_index_type,
+            count,
+            int(params.get("large_threshold", LARGE_THRESHOLD)),
+            int(params.get("compact_threshold", COMPACT_THRESHOLD)),
+        )
         current = self._vectors.index_type
         if current in IVF_TYPES:
-            # Never back to flat after removals (no flapping); retrain once grown well past.
-            trained_on = int(self.manifest.index_params.get("trained_on", 1))
-            return current if count >= RETRAIN_GROWTH * trained_on else None
-        wanted = resolve_index_type(self.manifest.requested_index_type, count, threshold)
+            # Never back to flat after removals (no flapping); retrain once grown well past,
+            # as whatever IVF type the size now calls for.
+            trained_on = int(params.get("trained_on", 1))
+            if count < RETRAIN_GROWTH * trained_on:
+                return None
+            return wanted if wanted in IVF_TYPES else current
         return wanted if wanted != current else None
 
     def _maybe_rebuild(self) -> None:
@@ -479,7 +497,7 @@ class Gallery:
         sample = None
         if index_type in IVF_TYPES:
             ids = self._store.ids()
-            size = VectorIndex.training_size(count)
+            size = VectorIndex.training_size(count, index_type)
             chosen = np.sort(np.random.default_rng(0).choice(ids, size=size, replace=False))
             sample = np.concatenate([v for _, v in self._store.iter_embeddings(dim, ids=chosen)])
         rebuilt = VectorIndex.build(

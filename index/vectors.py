@@ -1,17 +1,24 @@
 """The faiss inner-product index behind a gallery: type choice by size, training, filtered search.
 
-Three types share one contract (int64 ids; scores are inner products of L2-normalised vectors):
+Four types share one contract (int64 ids; scores are inner products of L2-normalised vectors):
 
 * ``flat``: ``IndexIDMap2(IndexFlatIP)``, exact; the default below ``large_threshold`` items.
   Keeps every full vector in RAM (4·d + 8 bytes per item).
-* ``ivf``: ``IndexIVFPQ`` — the default for large galleries. ``nlist`` ≈ 4·√n lists and a
-  product quantiser of ``m`` ≈ d/4 sub-quantisers of 8 bits on the residuals, trained on a sample
-  of the stored exact embeddings. An item costs ``m`` + 8 bytes of RAM (136 at 512-d instead
-  of 2 KB), so a few hundred million items fit one machine. Its scores are approximate: the gallery
-  asks it for ``rerank``·k candidates and re-scores them with the exact embeddings from its
-  database (:attr:`VectorIndex.approximate`).
-* ``ivf_flat``: ``IndexIVFFlat`` with the same lists and full vectors (4·d + 8 bytes per item);
-  exact scores, no re-rank, when RAM is plentiful.
+* ``ivf_sq8``: ``IndexIVFScalarQuantizer`` — the default for large galleries up to
+  ``compact_threshold`` items. ``nlist`` ≈ 8·√n lists, residuals stored as 8-bit scalars
+  (d + 8 bytes per item: 520 at 512-d, a quarter of ``flat``). Scanning the visited lists is
+  fast and its scores are within about 1e-3 of the exact cosines, so no re-rank is needed; on 1M
+  clustered 512-d vectors it is the fastest of these types at recall@10 ≈ 0.95
+  (docs/benchmarks.md, "Galleries").
+* ``ivf``: ``IndexIVFPQ`` — the default from ``compact_threshold`` items on, when RAM is what
+  runs out. ``nlist`` ≈ 4·√n lists and a product quantiser of ``m`` ≈ d/4 sub-quantisers of 8
+  bits on the residuals. An item costs ``m`` + 8 bytes of RAM (136 at 512-d), so a few hundred
+  million items fit one machine. Its scores are coarse: the gallery asks it for ``rerank``·k
+  candidates and re-scores them with the exact embeddings from its database
+  (:attr:`VectorIndex.approximate`), which costs throughput.
+* ``ivf_flat``: ``IndexIVFFlat`` with full vectors (4·d + 8 bytes per item); exact scores.
+
+Every IVF type is trained on a sample of the stored exact embeddings.
 
 When faiss's GPU build sees a GPU, unfiltered searches run on a GPU copy of the index that is
 refreshed after writes; the CPU index stays the master that is saved and filtered.
@@ -28,6 +35,7 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "COMPACT_THRESHOLD",
     "INDEX_TYPES",
     "IVF_MIN_ITEMS",
     "IVF_TYPES",
@@ -39,9 +47,11 @@ __all__ = [
     "resolve_index_type",
 ]
 
-IVF_TYPES = ("ivf", "ivf_flat")
+IVF_TYPES = ("ivf_sq8", "ivf", "ivf_flat")
 INDEX_TYPES = ("auto", "flat", *IVF_TYPES)
 LARGE_THRESHOLD = 100_000
+# From here on ``auto`` trades throughput for RAM: IVF-PQ's 136 B/item (512-d) instead of 520.
+COMPACT_THRESHOLD = 20_000_000
 IVF_MIN_ITEMS = 1_000
 # Candidates per wanted result that an ``ivf`` (PQ) search re-scores exactly.
 RERANK = 8
@@ -53,19 +63,29 @@ _TRAIN_POINTS_PER_LIST = 48
 # k-means iterations for the coarse quantiser; faiss's 25 triples 1M-item training for no recall.
 _TRAIN_ITERATIONS = 10
 _PQ_BITS = 8
+# Items an ``ivf_sq8`` search scans at its default ``nprobe``.
+_SQ8_SCANNED = 8_000
 _DIMS_PER_SUBQUANTIZER = 4
 _ID_BYTES = 8
 _GPU_MAX_K = 2048
 
 
-def resolve_index_type(requested: str, count: int, large_threshold: int = LARGE_THRESHOLD) -> str:
-    """The concrete type for ``count`` items: ``flat`` until IVF is requested or pays off."""
+def resolve_index_type(
+    requested: str,
+    count: int,
+    large_threshold: int = LARGE_THRESHOLD,
+    compact_threshold: int = COMPACT_THRESHOLD,
+) -> str:
+    """The concrete type for ``count`` items: ``flat`` until IVF is requested or pays off;
+    ``auto`` then picks ``ivf_sq8``, and ``ivf`` (PQ) from ``compact_threshold`` items on."""
     if requested not in INDEX_TYPES:
         raise ValueError(f"unknown index type {requested!r}; choose one of {INDEX_TYPES}")
     if requested == "flat":
         return "flat"
     if requested == "auto":
-        return "ivf" if count >= max(large_threshold, IVF_MIN_ITEMS) else "flat"
+        if count < max(large_threshold, IVF_MIN_ITEMS):
+            return "flat"
+        return "ivf" if count >= compact_threshold else "ivf_sq8"
     return requested if count >= IVF_MIN_ITEMS else "flat"
 
 
@@ -80,10 +100,19 @@ def pq_subquantizers(dim: int) -> int:
 
 
 def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> dict[str, Any]:
-    """``nlist``: the power of two at or below 4·√n with ≥ 39 training points per list;
-    for ``ivf`` also the product quantiser's ``m`` (needs ``dim``) and ``nbits``."""
-    target = min(4 * math.sqrt(count), count / _POINTS_PER_LIST)
+    """``nlist``: the power of two at or below 4·√n (8·√n for ``ivf_sq8``) with ≥ 39 training
+    points per list; for ``ivf`` also the product quantiser's ``m`` (needs ``dim``) and ``nbits``.
+
+    ``ivf_sq8`` visits enough lists to scan about 8,000 items (33 of 4,096 at 1M), at least 16:
+    on the hard 1M benchmark set, 2,048 lists at ``nprobe`` 16 and 8,192 at 64 sit on the same
+    recall/speed curve, and a fixed share of the lists loses recall on smaller galleries.
+    """
+    lists_per_root = 8 if index_type == "ivf_sq8" else 4
+    target = min(lists_per_root * math.sqrt(count), count / _POINTS_PER_LIST)
     nlist = 2 ** max(0, math.floor(math.log2(max(target, 1))))
+    if index_type == "ivf_sq8":
+        nprobe = min(nlist, max(16, math.ceil(_SQ8_SCANNED * nlist / max(count, 1))))
+        return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
     if index_type == "ivf":
         if dim is None:
             raise ValueError("an ivf (PQ) index needs the embedding dimension")
@@ -118,6 +147,8 @@ def _numpy_search(index, queries: np.ndarray, k: int, params) -> tuple[np.ndarra
 def _type_of(index: faiss.Index) -> str:
     """The gallery type a loaded faiss index is (galleries saved before ``ivf`` meant PQ held
     an ``IndexIVFFlat`` under the name ``ivf``)."""
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        return "ivf_sq8"
     if isinstance(index, faiss.IndexIVFPQ):
         return "ivf"
     if isinstance(index, faiss.IndexIVFFlat):
@@ -150,7 +181,7 @@ class VectorIndex:
         params: dict[str, Any] | None = None,
         index_type: str = "ivf",
     ) -> VectorIndex:
-        """An empty IVF index (PQ for ``ivf``) whose quantisers are trained on ``sample``."""
+        """An empty IVF index of ``index_type`` whose quantisers are trained on ``sample``."""
         if index_type not in IVF_TYPES:
             raise ValueError(f"not an IVF type: {index_type!r}")
         params = params or ivf_params(count, index_type, dim)
@@ -168,6 +199,10 @@ class VectorIndex:
             # Small galleries train the 256 codes per sub-quantiser on fewer points than faiss's
             # advice; the exact re-rank absorbs the coarser codes, so silence the warning.
             index.pq.cp.min_points_per_centroid = 1
+        elif index_type == "ivf_sq8":
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = _TRAIN_ITERATIONS
@@ -176,9 +211,9 @@ class VectorIndex:
         return cls(index, index_type, params)
 
     @staticmethod
-    def training_size(count: int) -> int:
+    def training_size(count: int, index_type: str) -> int:
         """How many stored vectors to sample for training an IVF index over ``count`` items."""
-        return min(count, ivf_params(count, "ivf_flat")["nlist"] * _TRAIN_POINTS_PER_LIST)
+        return min(count, ivf_params(count, index_type, 1)["nlist"] * _TRAIN_POINTS_PER_LIST)
 
     @classmethod
     def build(
@@ -226,7 +261,7 @@ class VectorIndex:
         Fixed costs (coarse centroids, codebooks) and, for ``flat``, the id map's hash table
         come on top.
         """
-        if self.index_type == "ivf":
+        if self.index_type in ("ivf", "ivf_sq8"):
             return int(faiss.extract_index_ivf(self.index).code_size) + _ID_BYTES
         return 4 * int(self.index.d) + _ID_BYTES
 

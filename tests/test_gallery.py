@@ -146,7 +146,7 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path: Path) -> None:
         assert len(gallery) == 0
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivf_flat"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf_sq8", "ivf", "ivf_flat"])
 def test_label_filter_returns_k_results_of_a_rare_label(tmp_path: Path, index_type: str) -> None:
     vectors = unit_vectors(3000)
     with create(tmp_path / "g", index_type=index_type) as gallery:
@@ -167,14 +167,34 @@ def test_auto_index_switches_to_ivf_past_the_threshold(tmp_path: Path) -> None:
         gallery.add(vectors[:1500], grids(1500), items(0, 1500))
         assert gallery.manifest.index_type == "flat"
         gallery.add(vectors[1500:], grids(1000), items(1500, 2500))
-        assert gallery.manifest.index_type == "ivf"
-        assert gallery.manifest.index_params["nlist"] > 1
+        assert gallery.manifest.index_type == "ivf_sq8"
+        params = gallery.manifest.index_params
+        assert params["nlist"] > 1 and params["bytes_per_item"] == DIM + 8  # 8-bit codes + id
         hits = gallery.search(vectors[::50], k=1)
         assert [row[0].id for row in hits] == list(range(1, 2501, 50))
+        assert all(abs(row[0].score - 1) < 1e-2 for row in hits)  # scores from 8-bit codes
         gallery.remove(list(range(1, 1001)))  # shrinking does not flap back to flat
         gallery.save()
     with Gallery.open(tmp_path / "g") as gallery:
-        assert gallery.manifest.index_type == "ivf" and len(gallery) == 1500
+        assert gallery.manifest.index_type == "ivf_sq8" and len(gallery) == 1500
+
+
+def test_auto_index_trades_speed_for_memory_past_the_compact_threshold(tmp_path: Path) -> None:
+    vectors = unit_vectors(6000)
+    with create(tmp_path / "g", large_threshold=1000, compact_threshold=5000) as gallery:
+        gallery.add(vectors[:1200], grids(1200), items(0, 1200))
+        assert gallery.manifest.index_type == "ivf_sq8"
+        assert gallery.manifest.index_params["trained_on"] == 1200
+        gallery.add(vectors[1200:4000], grids(2800), items(1200, 4000))
+        assert gallery.manifest.index_type == "ivf_sq8"  # grown, but not 4x its training size
+        gallery.add(vectors[4000:], grids(2000), items(4000, 6000))
+        assert gallery.manifest.index_type == "ivf"  # retrained as what 6,000 items call for
+        assert gallery.manifest.index_params["compact_threshold"] == 5000
+        gallery.configure_search(nprobe=gallery.manifest.index_params["nlist"])
+        hits = gallery.search(vectors[::500], k=1)
+        assert [row[0].id for row in hits] == list(range(1, 6001, 500))
+    with pytest.raises(ValueError, match="compact_threshold"):
+        create(tmp_path / "bad", large_threshold=10, compact_threshold=5)
 
 
 _SAVER = """
@@ -312,7 +332,7 @@ def test_index_types_report_their_memory_per_item(tmp_path: Path) -> None:
 
 def test_reopen_rebuilds_straight_to_the_type_the_database_has_outgrown(tmp_path: Path) -> None:
     vectors = unit_vectors(2500)
-    with create(tmp_path / "g", large_threshold=2000) as gallery:
+    with create(tmp_path / "g", large_threshold=2000, compact_threshold=2000) as gallery:
         gallery.add(vectors[:1500], grids(1500), items(0, 1500))
         gallery.save()
         gallery.add(vectors[1500:], grids(1000), items(1500, 2500))  # switches, never saved

@@ -161,3 +161,10 @@ def test_overlay_heatmap_marks_where_the_weights_are() -> None:
     assert (np.asarray(overlay_heatmap(image, weights, opacity=0.0)) == 255).all()
     with pytest.raises(ValueError, match="2-D"):
         overlay_heatmap(image, np.zeros(3))
+
+
+def test_index_type_choices_are_the_gallery_types() -> None:
+    from app.commands.index import INDEX_TYPES as CLI_TYPES
+    from index.vectors import INDEX_TYPES
+
+    assert CLI_TYPES == INDEX_TYPES

@@ -10,6 +10,8 @@ from typing import Any
 
 TILE = 160
 CAPTION = 28
+# index.vectors.INDEX_TYPES, spelt out so that ``gsp --help`` does not import faiss
+INDEX_TYPES = ("auto", "flat", "ivf_sq8", "ivf", "ivf_flat")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--checkpoint", required=True, type=Path)
     build.add_argument("--out", required=True, type=Path, help="gallery directory")
     _add_job_options(build)
-    build.add_argument("--index-type", default="auto", choices=("auto", "flat", "ivf"))
+    build.add_argument(
+        "--index-type",
+        default="auto",
+        choices=INDEX_TYPES,
+        help="auto: flat (exact) below 100k items, ivf_sq8 up to 20M, ivf (IVF-PQ) beyond",
+    )
     build.add_argument(
         "--labels-from-subfolders",
         action="store_true",
