@@ -115,3 +115,14 @@ def test_bad_save_policy_is_rejected(own_gallery: Path) -> None:
         GalleryStore(
             own_gallery, model_fingerprint="x", preprocessing={}, image_roots=[], save_every=0
         )
+
+
+def test_the_snapshot_cadence_comes_from_the_settings(
+    service_assets: ServiceAssets, own_gallery: Path
+) -> None:
+    settings = service_assets.settings(gallery=own_gallery, gallery_save_every=1)
+    with TestClient(create_app(settings)) as client:
+        snapshot_before = os.readlink(own_gallery / CURRENT)
+        added = _upload(client, (10, 240, 250))
+        assert os.readlink(own_gallery / CURRENT) != snapshot_before  # written at once
+        assert added["id"] in np.load(current_snapshot(own_gallery) / IDS_FILE)

@@ -65,6 +65,8 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         preprocessing=engine.preprocessing.to_dict(),
         image_roots=settings.image_roots,
         read_only=settings.gallery_read_only,
+        save_every=settings.gallery_save_every,
+        save_interval=settings.gallery_save_interval_s,
     )
 
     def on_change(gallery: Gallery) -> None:

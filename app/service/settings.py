@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
+    gallery_save_every: int = Field(
+        default=100, ge=1, description="API writes after which the gallery index is snapshotted"
+    )
+    gallery_save_interval_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="seconds after the first unsnapshotted write that a snapshot is written "
+        "anyway (writes are durable in the database before the API answers)",
+    )
 
     @field_validator("api_keys", "cors_origins", "image_roots", mode="before")
     @classmethod
