@@ -11,6 +11,7 @@ import json
 import mimetypes
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from app.service.schemas import (
     AddResponse,
     DeleteResponse,
     ErrorResponse,
+    Heatmap,
     ItemResponse,
     Match,
     QueryInfo,
@@ -45,6 +47,7 @@ from app.service.state import ServiceState, service_state
 
 __all__ = [
     "ApiError",
+    "SearchQuery",
     "State",
     "build_matches",
     "build_router",
@@ -52,15 +55,27 @@ __all__ = [
     "decode_upload",
     "error_responses",
     "item_urls",
+    "network_square",
     "read_upload",
     "record_stage",
     "search_gallery",
+    "upload_search_response",
 ]
 
 MAX_ITEM_ID = 2**63 - 1
 ItemId = Annotated[int, Path(ge=0, le=MAX_ITEM_ID, description="gallery item id")]
 State = Annotated[ServiceState, Depends(service_state)]
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="write access")
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """What a search asked for, and when its request began (for the total time)."""
+
+    k: int
+    label: str | None
+    heatmaps: bool
+    begun: float
 
 
 class ApiError(Exception):
@@ -174,6 +189,54 @@ def build_matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool
     return matches
 
 
+def network_square(state: ServiceState, image: Image.Image) -> Image.Image:
+    """A thumbnail of the centred square the network saw, to draw heatmaps over."""
+    return centre_crop(thumbnail(image, state.settings.thumbnail_size), state.engine.crop_fraction)
+
+
+def query_heatmap(state: ServiceState, image: Image.Image, weights: np.ndarray) -> Heatmap:
+    """The query's weights grid with its overlay on the centred square the network saw."""
+    overlay = overlay_png(network_square(state, image), weights, 0.5)
+    return heatmap_model(weights, png_data_url(overlay))
+
+
+async def upload_search_response(
+    request: Request,
+    state: ServiceState,
+    decoded: DecodedImage,
+    weights: np.ndarray,
+    pairs: list[tuple[Any, Any]],
+    query: SearchQuery,
+    stage_ms: tuple[float, float, float],
+) -> SearchResponse:
+    """The response of a search by uploaded image; ``stage_ms``: decode, embed, search."""
+    heatmap = None
+    if query.heatmaps:
+        heatmap = await run_in_threadpool(query_heatmap, state, decoded.image, weights)
+    width, height = decoded.image.size
+    decode_ms, embed_ms, search_ms = stage_ms
+    return SearchResponse(
+        model_fingerprint=state.engine.fingerprint,
+        crop_fraction=state.engine.crop_fraction,
+        k=query.k,
+        label=query.label,
+        query=QueryInfo(
+            width=width,
+            height=height,
+            format=decoded.format,
+            frames=decoded.frames,
+            heatmap=heatmap,
+        ),
+        matches=build_matches(request, pairs, query.heatmaps),
+        timings=Timings(
+            decode_ms=decode_ms,
+            embed_ms=embed_ms,
+            search_ms=search_ms,
+            total_ms=(time.perf_counter() - query.begun) * 1000.0,
+        ),
+    )
+
+
 def build_router(settings: Settings) -> APIRouter:
     """All ``/v1`` routes, with bounds taken from ``settings``."""
     router = APIRouter(prefix="/v1")
@@ -222,39 +285,14 @@ def build_router(settings: Settings) -> APIRouter:
         embedded = await state.engine.embed(tensor)
         embed_ms = record_stage(request, "embed", started)
         pairs, search_ms = await run_search(request, state, embedded.embedding, k, label, None)
-        query_heatmap = None
-        if heatmaps:
-            png = await run_in_threadpool(
-                lambda: overlay_png(
-                    centre_crop(
-                        thumbnail(decoded.image, settings.thumbnail_size),
-                        state.engine.crop_fraction,
-                    ),
-                    embedded.weights,
-                    0.5,
-                )
-            )
-            query_heatmap = heatmap_model(embedded.weights, png_data_url(png))
-        width, height = decoded.image.size
-        return SearchResponse(
-            model_fingerprint=state.engine.fingerprint,
-            crop_fraction=state.engine.crop_fraction,
-            k=k,
-            label=label,
-            query=QueryInfo(
-                width=width,
-                height=height,
-                format=decoded.format,
-                frames=decoded.frames,
-                heatmap=query_heatmap,
-            ),
-            matches=build_matches(request, pairs, heatmaps),
-            timings=Timings(
-                decode_ms=decode_ms,
-                embed_ms=embed_ms,
-                search_ms=search_ms,
-                total_ms=(time.perf_counter() - begun) * 1000.0,
-            ),
+        return await upload_search_response(
+            request,
+            state,
+            decoded,
+            embedded.weights,
+            pairs,
+            SearchQuery(k, label, heatmaps, begun),
+            (decode_ms, embed_ms, search_ms),
         )
 
     @router.post(

@@ -22,18 +22,20 @@ from starlette.concurrency import run_in_threadpool
 
 from app.service.api import (
     ApiError,
+    SearchQuery,
     State,
-    build_matches,
     decode_upload,
     error_responses,
     item_urls,
+    network_square,
     read_upload,
     record_stage,
     search_gallery,
+    upload_search_response,
 )
-from app.service.images import DecodedImage, ImageRejected, decode_image, thumbnail
-from app.service.rendering import centre_crop, heatmap_model, overlay_png, png_data_url
-from app.service.schemas import Heatmap, QueryInfo, SearchResponse, Timings
+from app.service.images import DecodedImage, ImageRejected, decode_image
+from app.service.rendering import heatmap_model, overlay_png, png_data_url
+from app.service.schemas import Heatmap, SearchResponse
 from app.service.state import ServiceState
 from model.explain import (
     DEFAULT_REGION_STRENGTH,
@@ -168,11 +170,6 @@ def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
     return state.engine.net.features(tensor)
 
 
-def _network_square(state: ServiceState, image: Image.Image) -> Image.Image:
-    """A thumbnail of the centred square the network saw, to draw heatmaps over."""
-    return centre_crop(thumbnail(image, state.settings.thumbnail_size), state.engine.crop_fraction)
-
-
 def _heatmap(square: Image.Image | None, grid: torch.Tensor | np.ndarray) -> Heatmap:
     """A weights grid as JSON, with its PNG overlay on ``square`` unless that is None."""
     values = grid.detach().float().cpu().numpy() if isinstance(grid, torch.Tensor) else grid
@@ -237,8 +234,8 @@ async def explain(
         stored_score = None
         if stored is not None:
             stored_score = float(np.dot(query_embedding.float().cpu().numpy(), stored))
-        q_img = _network_square(state, query_image.image) if overlays else None
-        m_img = _network_square(state, match_image.image) if overlays else None
+        q_img = network_square(state, query_image.image) if overlays else None
+        m_img = network_square(state, match_image.image) if overlays else None
         return ExplainResponse(
             model_fingerprint=state.engine.fingerprint,
             crop_fraction=state.engine.crop_fraction,
@@ -415,28 +412,12 @@ async def search_regions(
     started = time.perf_counter()
     pairs = await state.store.run(search_gallery(embedding, k, label, None))
     search_ms = record_stage(request, "search", started)
-    query_heatmap = None
-    if heatmaps:
-        square = await run_in_threadpool(_network_square, state, decoded.image)
-        query_heatmap = await run_in_threadpool(_heatmap, square, weights)
-    width, height = decoded.image.size
-    return SearchResponse(
-        model_fingerprint=state.engine.fingerprint,
-        crop_fraction=state.engine.crop_fraction,
-        k=k,
-        label=label,
-        query=QueryInfo(
-            width=width,
-            height=height,
-            format=decoded.format,
-            frames=decoded.frames,
-            heatmap=query_heatmap,
-        ),
-        matches=build_matches(request, pairs, heatmaps),
-        timings=Timings(
-            decode_ms=decode_ms,
-            embed_ms=embed_ms,
-            search_ms=search_ms,
-            total_ms=(time.perf_counter() - begun) * 1000.0,
-        ),
+    return await upload_search_response(
+        request,
+        state,
+        decoded,
+        weights,
+        pairs,
+        SearchQuery(k, label, heatmaps, begun),
+        (decode_ms, embed_ms, search_ms),
     )
