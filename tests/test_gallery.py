@@ -342,3 +342,15 @@ def test_reopen_rebuilds_straight_to_the_type_the_database_has_outgrown(tmp_path
         gallery.configure_search(nprobe=gallery.manifest.index_params["nlist"])
         hits = gallery.search(vectors[1500::100], k=1)
         assert [row[0].id for row in hits] == list(range(1501, 2501, 100))
+
+
+@pytest.mark.parametrize("count", [1_000, 120_000, 1_000_000, 10_000_000, 19_999_999])
+def test_ivf_sq8_lists_and_probes_scan_a_steady_number_of_items(count: int) -> None:
+    from index.vectors import ivf_params
+
+    params = ivf_params(count, "ivf_sq8", 512)
+    nlist, nprobe = params["nlist"], params["nprobe"]
+    assert nlist & (nlist - 1) == 0 and nlist <= 8 * count**0.5 and count / nlist >= 39
+    assert 16 <= nprobe <= nlist
+    scanned = count * nprobe / nlist
+    assert scanned >= min(count, 8_000) and (nprobe == 16 or scanned < 8_000 + count / nlist)
