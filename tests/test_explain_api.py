@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.service.explain import router
 from app.service.main import create_app
 from tests.test_service_support import ServiceAssets, drawn_image, png_bytes, shared_assets
 
@@ -22,8 +21,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
 
 @pytest.fixture(scope="module")
 def client(assets: ServiceAssets) -> Iterator[TestClient]:
+    # the explain routes come with create_app itself: the test would fail if they were not mounted
     app = create_app(assets.settings(gallery=assets.gallery_full, gallery_read_only=True))
-    app.include_router(router)
     with TestClient(app) as test_client:
         yield test_client
 
