@@ -99,6 +99,13 @@ def pq_subquantizers(dim: int) -> int:
     return max(m for m in range(1, limit + 1) if dim % m == 0)
 
 
+def _list_count(count: int, index_type: str) -> int:
+    """``nlist``: the power of two at or below 4·√n (8·√n for ``ivf_sq8``), ≥ 39 points a list."""
+    lists_per_root = 8 if index_type == "ivf_sq8" else 4
+    target = min(lists_per_root * math.sqrt(count), count / _POINTS_PER_LIST)
+    return 2 ** max(0, math.floor(math.log2(max(target, 1))))
+
+
 def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> dict[str, Any]:
     """``nlist``: the power of two at or below 4·√n (8·√n for ``ivf_sq8``) with ≥ 39 training
     points per list; for ``ivf`` also the product quantiser's ``m`` (needs ``dim``) and ``nbits``.
@@ -107,9 +114,7 @@ def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> d
     on the hard 1M benchmark set, 2,048 lists at ``nprobe`` 16 and 8,192 at 64 sit on the same
     recall/speed curve, and a fixed share of the lists loses recall on smaller galleries.
     """
-    lists_per_root = 8 if index_type == "ivf_sq8" else 4
-    target = min(lists_per_root * math.sqrt(count), count / _POINTS_PER_LIST)
-    nlist = 2 ** max(0, math.floor(math.log2(max(target, 1))))
+    nlist = _list_count(count, index_type)
     if index_type == "ivf_sq8":
         nprobe = min(nlist, max(16, math.ceil(_SQ8_SCANNED * nlist / max(count, 1))))
         return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
@@ -213,7 +218,7 @@ class VectorIndex:
     @staticmethod
     def training_size(count: int, index_type: str) -> int:
         """How many stored vectors to sample for training an IVF index over ``count`` items."""
-        return min(count, ivf_params(count, index_type, 1)["nlist"] * _TRAIN_POINTS_PER_LIST)
+        return min(count, _list_count(count, index_type) * _TRAIN_POINTS_PER_LIST)
 
     @classmethod
     def build(
@@ -261,7 +266,7 @@ class VectorIndex:
         Fixed costs (coarse centroids, codebooks) and, for ``flat``, the id map's hash table
         come on top.
         """
-        if self.index_type in ("ivf", "ivf_sq8"):
+        if self.index_type in IVF_TYPES:
             return int(faiss.extract_index_ivf(self.index).code_size) + _ID_BYTES
         return 4 * int(self.index.d) + _ID_BYTES
 
