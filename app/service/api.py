@@ -25,8 +25,8 @@ from app.service.images import DecodedImage, ImageRejected, decode_image, thumbn
 from app.service.rendering import (
     centre_crop,
     heatmap_model,
+    inline_heatmap,
     overlay_png,
-    png_data_url,
     thumbnail_jpeg,
 )
 from app.service.schemas import (
@@ -34,7 +34,6 @@ from app.service.schemas import (
     AddResponse,
     DeleteResponse,
     ErrorResponse,
-    Heatmap,
     ItemResponse,
     Match,
     QueryInfo,
@@ -194,12 +193,6 @@ def network_square(state: ServiceState, image: Image.Image) -> Image.Image:
     return centre_crop(thumbnail(image, state.settings.thumbnail_size), state.engine.crop_fraction)
 
 
-def query_heatmap(state: ServiceState, image: Image.Image, weights: np.ndarray) -> Heatmap:
-    """The query's weights grid with its overlay on the centred square the network saw."""
-    overlay = overlay_png(network_square(state, image), weights, 0.5)
-    return heatmap_model(weights, png_data_url(overlay))
-
-
 async def upload_search_response(
     request: Request,
     state: ServiceState,
@@ -212,7 +205,9 @@ async def upload_search_response(
     """The response of a search by uploaded image; ``stage_ms``: decode, embed, search."""
     heatmap = None
     if query.heatmaps:
-        heatmap = await run_in_threadpool(query_heatmap, state, decoded.image, weights)
+        heatmap = await run_in_threadpool(
+            lambda: inline_heatmap(network_square(state, decoded.image), weights)
+        )
     width, height = decoded.image.size
     decode_ms, embed_ms, search_ms = stage_ms
     return SearchResponse(

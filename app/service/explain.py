@@ -34,7 +34,7 @@ from app.service.api import (
     upload_search_response,
 )
 from app.service.images import DecodedImage, ImageRejected, decode_image
-from app.service.rendering import heatmap_model, overlay_png, png_data_url
+from app.service.rendering import inline_heatmap
 from app.service.schemas import Heatmap, SearchResponse
 from app.service.state import ServiceState
 from model.explain import (
@@ -173,8 +173,7 @@ def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
 def _heatmap(square: Image.Image | None, grid: torch.Tensor | np.ndarray) -> Heatmap:
     """A weights grid as JSON, with its PNG overlay on ``square`` unless that is None."""
     values = grid.detach().float().cpu().numpy() if isinstance(grid, torch.Tensor) else grid
-    overlay = None if square is None else png_data_url(overlay_png(square, values, 0.5))
-    return heatmap_model(values, overlay)
+    return inline_heatmap(square, values)
 
 
 def _described(

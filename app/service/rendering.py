@@ -13,7 +13,14 @@ from PIL import Image
 from app.service.images import decode_image, thumbnail
 from app.service.schemas import Heatmap
 
-__all__ = ["centre_crop", "heatmap_model", "overlay_png", "png_data_url", "thumbnail_jpeg"]
+__all__ = [
+    "centre_crop",
+    "heatmap_model",
+    "inline_heatmap",
+    "overlay_png",
+    "png_data_url",
+    "thumbnail_jpeg",
+]
 
 _GRID_DECIMALS = 4
 
@@ -69,3 +76,10 @@ def heatmap_model(weights: np.ndarray, overlay_url: str | None) -> Heatmap:
         grid=np.round(grid, _GRID_DECIMALS).tolist(),
         overlay_url=overlay_url,
     )
+
+
+def inline_heatmap(square: Image.Image | None, weights: np.ndarray) -> Heatmap:
+    """A weights grid as JSON with its overlay on ``square`` inlined as a PNG data URL (none
+    when ``square`` is None)."""
+    overlay = None if square is None else png_data_url(overlay_png(square, weights, 0.5))
+    return heatmap_model(weights, overlay)
