@@ -204,20 +204,27 @@ def bench_search(
         f"{saved / n:.1f} B/item incl. centroids and codebooks (empty index was {file_bytes} B); "
         f"full vectors would be {4 * dim + 8} B/item"
     )
-    default_nprobe, default_rerank = int(params["nprobe"]), int(params["rerank"])
-    settings = [
-        (p, default_rerank) for p in (default_nprobe // 2, default_nprobe, default_nprobe * 2)
-    ]
-    if gallery.manifest.index_type == "ivf":  # only PQ candidates are re-ranked
-        settings += [(default_nprobe, r) for r in (1, 4, 16)]
-    print("| nprobe | rerank | recall@10 | queries/s | vs exact |")
-    for nprobe, rerank in sorted(set(settings)):
-        gallery.configure_search(nprobe=nprobe, rerank=rerank)
+    # The knobs this type has: nprobe always; candidates re-scored from SQLite (ivf, "rerank")
+    # or from the in-RAM 8-bit codes (ivf_fastscan, "refine").
+    knob = {"ivf": "rerank", "ivf_fastscan": "refine"}.get(gallery.manifest.index_type)
+    default = {"nprobe": int(params["nprobe"])}
+    if knob:
+        default[knob] = int(params[knob])
+    settings = [{**default, "nprobe": default["nprobe"] * f} for f in (0.5, 1, 2)]
+    if knob:
+        settings += [{**default, knob: r} for r in (1, 4, 16, 64) if r != default[knob]]
+    print(f"| nprobe | {knob or '-'} | recall@10 | queries/s | vs exact |")
+    for setting in sorted(settings, key=lambda c: tuple(c.values())):
+        setting = {name: int(value) for name, value in setting.items()}
+        gallery.configure_search(**setting)
         qps, hits = timed(lambda q: gallery.search(q, k), probe, repeats=3)
         found = [[m.id - 1 for m in row] for row in hits]  # ids are rows + 1
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)])
-        mark = "  <- default" if (nprobe, rerank) == (default_nprobe, default_rerank) else ""
-        print(f"| {nprobe} | {rerank} | {recall:.4f} | {qps:.1f} | {qps / exact_qps:.1f}x |{mark}")
+        mark = "  <- default" if setting == default else ""
+        print(
+            f"| {setting['nprobe']} | {setting.get(knob, '-')} | {recall:.4f} | {qps:.1f} | "
+            f"{qps / exact_qps:.1f}x |{mark}"
+        )
     gallery.close()
     shutil.rmtree(directory)
 

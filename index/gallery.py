@@ -39,7 +39,9 @@ from index.metadata import ItemRecord, ItemRow, MetadataStore
 from index.snapshot import clean_stale, current_snapshot, write_snapshot
 from index.vectors import (
     COMPACT_THRESHOLD,
+    DEAD_ROWS_REBUILD,
     INDEX_TYPES,
+    IVF_MIN_ITEMS,
     IVF_TYPES,
     LARGE_THRESHOLD,
     RERANK,
@@ -133,11 +135,13 @@ class Gallery:
     ) -> Gallery:
         """A new, empty gallery in ``directory`` (which must not exist or be empty).
 
-        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf_sq8``, and
-        ``ivf`` from ``compact_threshold`` items on), ``flat``, ``ivf_sq8`` (IVF with 8-bit
-        scalar codes), ``ivf`` (IVF-PQ with exact re-rank) or ``ivf_flat`` (IVF with full
-        vectors), the IVF types as soon as there are enough vectors to train them. ``rerank``:
-        an ``ivf`` search re-scores ``rerank``·k candidates with their exact embeddings.
+        ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf_fastscan``
+        (``ivf_sq8`` where faiss searches on a GPU), and ``ivf`` from ``compact_threshold`` items
+        on), ``flat``, ``ivf_fastscan`` (IVF with 4-bit product codes re-scored by 8-bit scalar
+        codes), ``ivf_sq8`` (IVF with 8-bit scalar codes), ``ivf`` (IVF-PQ with exact re-rank)
+        or ``ivf_flat`` (IVF with full vectors), the IVF types as soon as there are enough
+        vectors to train them. ``rerank``: an ``ivf`` search re-scores ``rerank``·k candidates
+        with their exact embeddings.
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
@@ -306,6 +310,7 @@ class Gallery:
             removed = self._store.delete(list(ids))
             self._vectors.remove(np.asarray(removed, np.int64))
             self.manifest.count -= len(removed)
+            self._maybe_rebuild()
             return len(removed)
 
     def save(self) -> None:
@@ -328,9 +333,10 @@ class Gallery:
         """The ``k`` best matches per query row; with ``label``, only items of that label
         (still ``k`` results whenever the label has at least ``k`` items).
 
-        Scores are exact cosines, except on ``ivf_sq8`` where they come from 8-bit codes (within
-        about 1e-3): an ``ivf`` (PQ) index only proposes ``rerank``·k candidates, which are
-        re-scored with their exact embeddings read from the database in one query.
+        Scores are exact cosines, except on ``ivf_fastscan`` and ``ivf_sq8`` where they come
+        from 8-bit codes (within about 1e-3): an ``ivf`` (PQ) index only proposes ``rerank``·k
+        candidates, which are re-scored with their exact embeddings read from the database in
+        one query.
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
@@ -353,10 +359,14 @@ class Gallery:
             _matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
 
-    def configure_search(self, *, nprobe: int | None = None, rerank: int | None = None) -> None:
-        """Trade recall for speed: IVF lists visited, and candidates per result re-ranked.
+    def configure_search(
+        self, *, nprobe: int | None = None, rerank: int | None = None, refine: int | None = None
+    ) -> None:
+        """Trade recall for speed: IVF lists visited, candidates per result re-ranked from the
+        database (``ivf``) or re-scored with the in-RAM 8-bit codes (``ivf_fastscan``).
 
-        Saved with the next snapshot; a retrain resets ``nprobe`` to the default for its size.
+        Saved with the next snapshot; a retrain resets ``nprobe`` and ``refine`` to the defaults
+        for its size.
         """
         if rerank is not None:
             _check_rerank(rerank)
@@ -364,6 +374,9 @@ class Gallery:
             if nprobe is not None:
                 self._vectors.set_nprobe(nprobe)
                 self.manifest.index_params["nprobe"] = int(nprobe)
+            if refine is not None:
+                self._vectors.set_refine(refine)
+                self.manifest.index_params["refine"] = int(refine)
             if rerank is not None:
                 self.manifest.index_params["rerank"] = int(rerank)
 
@@ -476,6 +489,9 @@ class Gallery:
             int(params.get("compact_threshold", COMPACT_THRESHOLD)),
         )
         current = self._vectors.index_type
+        if self._vectors.dead_share > DEAD_ROWS_REBUILD:
+            # Reclaim the removed rows' RAM; a nearly empty gallery goes back to exact search.
+            return current if wanted == "flat" and count >= IVF_MIN_ITEMS else wanted
         if current in IVF_TYPES:
             # Never back to flat after removals (no flapping); retrain once grown well past,
             # as whatever IVF type the size now calls for.

@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 
 from index.errors import (
+    GalleryCorruptError,
     GalleryLockedError,
     GalleryMismatchError,
     GalleryNotFoundError,
     GalleryReadOnlyError,
 )
 from index.gallery import Gallery, ItemInput
+from index.vectors import faiss_gpu_available, ivf_params, resolve_index_type
 
 DIM = 16
 PREPROCESSING = {"image_size": 64, "resize_size": 72, "mean": [0.5] * 3, "std": [0.25] * 3}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What ``auto`` picks for a large gallery on this machine (faiss has no GPU fast-scan).
+LARGE_DEFAULT = "ivf_sq8" if faiss_gpu_available() else "ivf_fastscan"
 
 
 def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -146,7 +150,7 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path: Path) -> None:
         assert len(gallery) == 0
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf_sq8", "ivf", "ivf_flat"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf_fastscan", "ivf_sq8", "ivf", "ivf_flat"])
 def test_label_filter_returns_k_results_of_a_rare_label(tmp_path: Path, index_type: str) -> None:
     vectors = unit_vectors(3000)
     with create(tmp_path / "g", index_type=index_type) as gallery:
@@ -167,26 +171,28 @@ def test_auto_index_switches_to_ivf_past_the_threshold(tmp_path: Path) -> None:
         gallery.add(vectors[:1500], grids(1500), items(0, 1500))
         assert gallery.manifest.index_type == "flat"
         gallery.add(vectors[1500:], grids(1000), items(1500, 2500))
-        assert gallery.manifest.index_type == "ivf_sq8"
+        assert gallery.manifest.index_type == LARGE_DEFAULT
         params = gallery.manifest.index_params
-        assert params["nlist"] > 1 and params["bytes_per_item"] == DIM + 8  # 8-bit codes + id
+        # 8-bit codes + id, and for fast-scan its 4-bit codes of d/2 sub-quantisers + row number
+        fastscan_bytes = DIM // 4 + 8 if LARGE_DEFAULT == "ivf_fastscan" else 0
+        assert params["nlist"] > 1 and params["bytes_per_item"] == DIM + 8 + fastscan_bytes
         hits = gallery.search(vectors[::50], k=1)
         assert [row[0].id for row in hits] == list(range(1, 2501, 50))
         assert all(abs(row[0].score - 1) < 1e-2 for row in hits)  # scores from 8-bit codes
         gallery.remove(list(range(1, 1001)))  # shrinking does not flap back to flat
         gallery.save()
     with Gallery.open(tmp_path / "g") as gallery:
-        assert gallery.manifest.index_type == "ivf_sq8" and len(gallery) == 1500
+        assert gallery.manifest.index_type == LARGE_DEFAULT and len(gallery) == 1500
 
 
 def test_auto_index_trades_speed_for_memory_past_the_compact_threshold(tmp_path: Path) -> None:
     vectors = unit_vectors(6000)
     with create(tmp_path / "g", large_threshold=1000, compact_threshold=5000) as gallery:
         gallery.add(vectors[:1200], grids(1200), items(0, 1200))
-        assert gallery.manifest.index_type == "ivf_sq8"
+        assert gallery.manifest.index_type == LARGE_DEFAULT
         assert gallery.manifest.index_params["trained_on"] == 1200
         gallery.add(vectors[1200:4000], grids(2800), items(1200, 4000))
-        assert gallery.manifest.index_type == "ivf_sq8"  # grown, but not 4x its training size
+        assert gallery.manifest.index_type == LARGE_DEFAULT  # grown, not 4x its training size
         gallery.add(vectors[4000:], grids(2000), items(4000, 6000))
         assert gallery.manifest.index_type == "ivf"  # retrained as what 6,000 items call for
         assert gallery.manifest.index_params["compact_threshold"] == 5000
@@ -344,10 +350,88 @@ def test_reopen_rebuilds_straight_to_the_type_the_database_has_outgrown(tmp_path
         assert [row[0].id for row in hits] == list(range(1501, 2501, 100))
 
 
+def test_auto_picks_fastscan_on_a_cpu_and_scalar_codes_where_faiss_searches_on_a_gpu() -> None:
+    assert resolve_index_type("auto", 200_000, gpu=False) == "ivf_fastscan"
+    assert resolve_index_type("auto", 200_000, gpu=True) == "ivf_sq8"
+    assert resolve_index_type("auto", 50_000, gpu=False) == "flat"
+    assert resolve_index_type("auto", 30_000_000, gpu=False) == "ivf"
+    assert resolve_index_type("ivf_fastscan", 500) == "flat"  # too few items to train
+
+
+def test_ivf_fastscan_refines_to_scalar_code_scores_and_keeps_ids_through_removes(
+    tmp_path: Path,
+) -> None:
+    vectors, queries = unit_vectors(4000), unit_vectors(40, seed=7)
+    truth = _exact_top(queries, vectors, 10)
+    with create(tmp_path / "g", index_type="ivf_fastscan") as gallery:
+        gallery.add(vectors, grids(4000), items(0, 4000))
+        params = gallery.manifest.index_params
+        assert gallery.manifest.index_type == "ivf_fastscan" and params["m"] == DIM // 2
+        assert params["refine"] == 32 and params["nbits"] == 4
+        gallery.configure_search(nprobe=params["nlist"])  # isolate the codes + refine stage
+        hits = gallery.search(queries, k=10)
+        for query, row in zip(queries, hits, strict=True):
+            exact = vectors[[m.id - 1 for m in row]] @ query
+            np.testing.assert_allclose([m.score for m in row], exact, rtol=0, atol=2e-2)
+            assert [m.score for m in row] == sorted((m.score for m in row), reverse=True)
+        found = [[m.id for m in row] for row in hits]
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
+        assert recall >= 0.9
+        gallery.configure_search(refine=1)  # the 4-bit codes' own order is worse
+        coarse = [[m.id for m in row] for row in gallery.search(queries, k=10)]
+        worse = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(coarse, truth, strict=True)])
+        assert worse < recall
+        with pytest.raises(ValueError, match="refine"):
+            gallery.configure_search(refine=0)
+        removed = [row[0] for row in found[:5]]
+        assert gallery.remove(removed) == 5 and gallery.remove(removed) == 0
+        assert not {m.id for row in gallery.search(queries, k=10) for m in row} & set(removed)
+        gallery.add(unit_vectors(3, seed=9), grids(3), items(5000, 5003))  # rows appended
+        assert gallery.search(unit_vectors(3, seed=9), k=1)[2][0].id == 4003
+        gallery.save()
+    with Gallery.open(tmp_path / "g") as gallery:
+        assert gallery.manifest.index_params["refine"] == 1 and len(gallery) == 3998
+        assert gallery.search(vectors[5:6], k=1)[0][0].id == 6
+        assert gallery.search(unit_vectors(3, seed=9), k=1)[2][0].id == 4003
+        assert not {m.id for row in gallery.search(queries, k=10) for m in row} & set(removed)
+        assert gallery.search(queries[:2], k=5, label="absent") == [[], []]
+
+
+def test_ivf_fastscan_reclaims_removed_rows_by_rebuilding(tmp_path: Path) -> None:
+    vectors = unit_vectors(3000)
+    with create(tmp_path / "g", index_type="ivf_fastscan") as gallery:
+        gallery.add(vectors, grids(3000), items(0, 3000))
+        gallery.remove(list(range(1, 1401)))  # 47 % of the rows dead: kept
+        assert gallery.manifest.index_params["trained_on"] == 3000
+        gallery.remove(list(range(1401, 1601)))  # 53 %: rebuilt from the 1,400 live items
+        assert gallery.manifest.index_type == "ivf_fastscan"
+        assert gallery.manifest.index_params["trained_on"] == 1400 and len(gallery) == 1400
+        gallery.configure_search(nprobe=gallery.manifest.index_params["nlist"])
+        hits = gallery.search(vectors[1600::100], k=1)
+        assert [row[0].id for row in hits] == list(range(1601, 3001, 100))
+        gallery.remove(list(range(1601, 2701)))  # 300 left: too few to train, back to exact
+        assert gallery.manifest.index_type == "flat" and len(gallery) == 300
+
+
+def test_a_fastscan_gallery_without_its_row_table_is_reported_corrupt(tmp_path: Path) -> None:
+    with create(tmp_path / "g", index_type="ivf_fastscan") as gallery:
+        gallery.add(unit_vectors(1200), grids(1200), items(0, 1200))
+        gallery.save()
+    (tmp_path / "g" / "current" / "index.rows.npy").unlink()
+    with pytest.raises(GalleryCorruptError, match="index"):
+        Gallery.open(tmp_path / "g")
+
+
+@pytest.mark.parametrize("count", [1_000, 120_000, 1_000_000, 10_000_000, 19_999_999])
+def test_ivf_fastscan_scans_about_twice_what_ivf_sq8_scans(count: int) -> None:
+    params = ivf_params(count, "ivf_fastscan", 512)
+    assert params["m"] == 256 and params["nlist"] == ivf_params(count, "ivf_sq8", 512)["nlist"]
+    scanned = count * params["nprobe"] / params["nlist"]
+    assert params["nprobe"] == params["nlist"] or scanned >= 16_000
+
+
 @pytest.mark.parametrize("count", [1_000, 120_000, 1_000_000, 10_000_000, 19_999_999])
 def test_ivf_sq8_lists_and_probes_scan_a_steady_number_of_items(count: int) -> None:
-    from index.vectors import ivf_params
-
     params = ivf_params(count, "ivf_sq8", 512)
     nlist, nprobe = params["nlist"], params["nprobe"]
     assert nlist & (nlist - 1) == 0 and nlist <= 8 * count**0.5 and count / nlist >= 39

@@ -11,7 +11,7 @@ from typing import Any
 TILE = 160
 CAPTION = 28
 # index.vectors.INDEX_TYPES, spelt out so that ``gsp --help`` does not import faiss
-INDEX_TYPES = ("auto", "flat", "ivf_sq8", "ivf", "ivf_flat")
+INDEX_TYPES = ("auto", "flat", "ivf_fastscan", "ivf_sq8", "ivf", "ivf_flat")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-type",
         default="auto",
         choices=INDEX_TYPES,
-        help="auto: flat (exact) below 100k items, ivf_sq8 up to 20M, ivf (IVF-PQ) beyond",
+        help=(
+            "auto: flat (exact) below 100k items, ivf_fastscan up to 20M (ivf_sq8 with a faiss"
+            " GPU), ivf (IVF-PQ) beyond"
+        ),
     )
     build.add_argument(
         "--labels-from-subfolders",
