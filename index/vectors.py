@@ -247,8 +247,9 @@ class VectorIndex:
         quantizer = faiss.IndexFlatIP(dim)
         nlist = int(params["nlist"])
         sample = np.ascontiguousarray(sample, dtype=np.float32)
-        if index_type == "ivf_fastscan":
-            candidates = faiss.IndexIVFPQFastScan(
+        product_codes = {"ivf": faiss.IndexIVFPQ, "ivf_fastscan": faiss.IndexIVFPQFastScan}
+        if index_type in product_codes:
+            ivf = product_codes[index_type](
                 quantizer,
                 dim,
                 nlist,
@@ -256,37 +257,25 @@ class VectorIndex:
                 int(params["nbits"]),
                 faiss.METRIC_INNER_PRODUCT,
             )
-            candidates.cp.niter = _TRAIN_ITERATIONS
-            candidates.cp.min_points_per_centroid = 1
-            candidates.pq.cp.min_points_per_centroid = 1
-            codes = faiss.IndexScalarQuantizer(
-                dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-            )
-            index = faiss.IndexRefine(candidates, codes)  # keeps both alive
-            index.train(sample)
-            return cls(index, index_type, params, np.empty(0, np.int64))
-        if index_type == "ivf":
-            index = faiss.IndexIVFPQ(
-                quantizer,
-                dim,
-                nlist,
-                int(params["m"]),
-                int(params["nbits"]),
-                faiss.METRIC_INNER_PRODUCT,
-            )
-            # Small galleries train the 256 codes per sub-quantiser on fewer points than faiss's
-            # advice; the exact re-rank absorbs the coarser codes, so silence the warning.
-            index.pq.cp.min_points_per_centroid = 1
+            # Small galleries train the codes per sub-quantiser on fewer points than faiss's
+            # advice; the re-rank or refinement absorbs the coarser codes, so silence the warning.
+            ivf.pq.cp.min_points_per_centroid = 1
         elif index_type == "ivf_sq8":
-            index = faiss.IndexIVFScalarQuantizer(
+            ivf = faiss.IndexIVFScalarQuantizer(
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
         else:
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = _TRAIN_ITERATIONS
-        index.cp.min_points_per_centroid = 1
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.niter = _TRAIN_ITERATIONS
+        ivf.cp.min_points_per_centroid = 1
+        index, row_ids = ivf, None
+        if index_type == "ivf_fastscan":
+            codes = faiss.IndexScalarQuantizer(
+                dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+            index, row_ids = faiss.IndexRefine(ivf, codes), np.empty(0, np.int64)
         index.train(sample)
-        return cls(index, index_type, params)
+        return cls(index, index_type, params, row_ids)
 
     @staticmethod
     def training_size(count: int, index_type: str) -> int:
