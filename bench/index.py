@@ -179,9 +179,9 @@ def bench_search(
     )
     exact = faiss.IndexFlatIP(dim)
     exact.add(base)
-    exact_qps, (_, truth) = timed(functools.partial(exact.search, k=k), probe, repeats=1)
-    del exact
-    print(f"exact flat: {exact_qps:.1f} queries/s")
+    exact_search = functools.partial(exact.search, k=k)
+    exact_before, (_, truth) = timed(exact_search, probe, repeats=1)
+    print(f"exact flat: {exact_before:.1f} queries/s")
 
     directory = scratch / f"gallery-{dataset}"
     started = time.perf_counter()
@@ -213,19 +213,28 @@ def bench_search(
     settings = [{**default, "nprobe": default["nprobe"] * f} for f in (0.5, 1, 2)]
     if knob:
         settings += [{**default, knob: r} for r in (1, 4, 16, 64) if r != default[knob]]
-    print(f"| nprobe | {knob or '-'} | recall@10 | queries/s | vs exact |")
-    for setting in sorted(settings, key=lambda c: tuple(c.values())):
+    rows = []
+    for setting in tqdm(sorted(settings, key=lambda c: tuple(c.values())), desc="sweep"):
         setting = {name: int(value) for name, value in setting.items()}
         gallery.configure_search(**setting)
         qps, hits = timed(lambda q: gallery.search(q, k), probe, repeats=3)
         found = [[m.id - 1 for m in row] for row in hits]  # ids are rows + 1
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)])
+        rows.append((setting, recall, qps))
+    # Exact search timed again after the sweep: a ratio is only as good as its baseline, so the
+    # faster of the two timings is the one divided by (the conservative ratio).
+    exact_after, _ = timed(exact_search, probe, repeats=1)
+    exact_qps = max(exact_before, exact_after)
+    print(f"exact flat after the sweep: {exact_after:.1f} queries/s; ratios use {exact_qps:.1f}")
+    print(f"| nprobe | {knob or '-'} | recall@10 | queries/s | vs exact |")
+    for setting, recall, qps in rows:
         mark = "  <- default" if setting == default else ""
         print(
             f"| {setting['nprobe']} | {setting.get(knob, '-')} | {recall:.4f} | {qps:.1f} | "
             f"{qps / exact_qps:.1f}x |{mark}"
         )
     gallery.close()
+    del exact
     shutil.rmtree(directory)
 
 

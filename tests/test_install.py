@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("install", ROOT / "tools" / "install.py")
 install = importlib.util.module_from_spec(_SPEC)
@@ -74,3 +76,20 @@ def test_without_requirements_it_prints_usage_and_fails() -> None:
     )
     assert result.returncode == 2
     assert "Usage: python tools/install.py" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("installer", "command"), [("uv", "-m uv pip install"), ("pip", "-m pip install")]
+)
+def test_each_installer_installs_into_the_running_environment(installer: str, command: str) -> None:
+    # "pip" is already installed in every venv, so either installer only confirms it.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "install.py"), "pip"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GSP_INSTALLER": installer},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert ran and ran[-1].startswith(f"+ {sys.executable} {command}")
