@@ -6,14 +6,14 @@ Five types share one contract (int64 ids; scores are inner products of L2-normal
   Keeps every full vector in RAM (4·d + 8 bytes per item).
 * ``ivf_fastscan``: ``IndexRefine(IndexIVFPQFastScan, IndexScalarQuantizer)`` — the default for
   large galleries up to ``compact_threshold`` items on a CPU. ``nlist`` ≈ 8·√n lists; each item
-  has a 4-bit product code of d/2 sub-quantisers, which SIMD registers scan about ten times
-  faster than 8-bit scalars, and an 8-bit scalar code (in item order) that re-scores the
+  has a 4-bit product code of d/2 sub-quantisers, which SIMD lookup tables scan several times
+  faster per item than 8-bit scalars, and an 8-bit scalar code (in item order) that re-scores the
   ``refine``·k best candidates to within about 1e-3 of the exact cosine. d/4 + d + 16 bytes
   per item (656 at 512-d, a third of ``flat``). On 1M clustered 512-d vectors it answers at
-  recall@10 0.96-0.97 about 35x faster than exact search, twice ``ivf_sq8``'s speed at the same
-  recall (docs/benchmarks.md, "Galleries"). The product codes carry row numbers, mapped to
-  ids by a row table; removed rows stay in the scalar codes until more than half of the rows
-  are dead, when the gallery rebuilds the index.
+  recall@10 0.96-0.97 about 30x faster than exact search, 1.6-1.8x ``ivf_sq8``'s queries/s
+  at about the same recall (docs/benchmarks.md, "Galleries"). The product codes carry row
+  numbers, mapped to ids by a row table; removed rows stay in the scalar codes until more than
+  half of the rows are dead, when the gallery rebuilds the index.
 * ``ivf_sq8``: ``IndexIVFScalarQuantizer`` — the large-gallery default when faiss's GPU build
   sees a GPU (faiss has no GPU fast-scan). ``nlist`` ≈ 8·√n lists, residuals stored as 8-bit
   scalars (d + 8 bytes per item: 520 at 512-d); scores within about 1e-3 of the exact cosines.
@@ -124,8 +124,8 @@ def pq_subquantizers(dim: int, dims_per_subquantizer: int = _DIMS_PER_SUBQUANTIZ
 
 
 def _list_count(count: int, index_type: str) -> int:
-    """``nlist``: the power of two at or below 4·√n (8·√n for the scalar-code types),
-    ≥ 39 points a list."""
+    """``nlist``: the power of two at or below 4·√n (8·√n for ``ivf_sq8`` and
+    ``ivf_fastscan``), ≥ 39 points a list."""
     lists_per_root = 8 if index_type in ("ivf_sq8", "ivf_fastscan") else 4
     target = min(lists_per_root * math.sqrt(count), count / _POINTS_PER_LIST)
     return 2 ** max(0, math.floor(math.log2(max(target, 1))))
