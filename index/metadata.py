@@ -64,6 +64,12 @@ class ItemRow:
     weights: np.ndarray
 
 
+def _storable_ids(ids: Sequence[int]) -> list[int]:
+    """The ids SQLite can hold (64-bit signed); any other id names no item, so a lookup or
+    delete of it finds nothing instead of overflowing."""
+    return [int(i) for i in ids if -(2**63) <= int(i) < 2**63]
+
+
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _CHUNK):
         yield values[start : start + _CHUNK]
@@ -157,7 +163,7 @@ class MetadataStore:
         """Delete items; returns the ids that existed."""
         existing: list[int] = []
         with self._db:
-            for chunk in _chunks([int(i) for i in ids]):
+            for chunk in _chunks(_storable_ids(ids)):
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT id FROM items WHERE id IN ({marks})", tuple(chunk))
                 existing.extend(r[0] for r in rows)
@@ -166,7 +172,7 @@ class MetadataStore:
 
     def records(self, ids: Sequence[int]) -> dict[int, ItemRecord]:
         found: dict[int, ItemRecord] = {}
-        for chunk in _chunks([int(i) for i in ids]):
+        for chunk in _chunks(_storable_ids(ids)):
             marks = ",".join("?" * len(chunk))
             query = f"SELECT {_META_COLUMNS} FROM items WHERE id IN ({marks})"
             for row in self._db.execute(query, tuple(chunk)):
@@ -176,7 +182,7 @@ class MetadataStore:
 
     def embeddings(self, ids: Sequence[int], dim: int) -> dict[int, np.ndarray]:
         found: dict[int, np.ndarray] = {}
-        for chunk in _chunks([int(i) for i in ids]):
+        for chunk in _chunks(_storable_ids(ids)):
             marks = ",".join("?" * len(chunk))
             query = f"SELECT id, embedding FROM items WHERE id IN ({marks})"
             for item_id, blob in self._db.execute(query, tuple(chunk)):

@@ -96,6 +96,15 @@ def test_duplicates_are_skipped_or_updated_never_indexed_twice(tmp_path: Path) -
         assert len(gallery) == 4
 
 
+def test_ids_beyond_64_bits_name_no_item(tmp_path: Path) -> None:
+    with create(tmp_path / "g") as gallery:
+        gallery.add(unit_vectors(2), grids(2), items(0, 2))
+        huge = 2**70
+        assert gallery.get(huge) is None and gallery.embedding(huge) is None
+        assert [record.id for record in gallery.get_many([1, huge, -huge])] == [1]
+        assert gallery.remove([huge]) == 0 and len(gallery) == 2
+
+
 def test_ids_are_stable_and_never_reused_across_removes_and_saves(tmp_path: Path) -> None:
     vectors = unit_vectors(10)
     with create(tmp_path / "g") as gallery:

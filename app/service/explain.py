@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.service.api import (
+    MAX_ITEM_ID,
     ApiError,
     SearchQuery,
     State,
@@ -206,10 +207,13 @@ def _described(
 async def explain(
     request: Request,
     state: State,
-    gallery_id: Annotated[int, Form(ge=0, description="the gallery item to explain")],
+    gallery_id: Annotated[
+        int, Form(ge=0, le=MAX_ITEM_ID, description="the gallery item to explain")
+    ],
     image: Annotated[UploadFile | None, File(description="query image")] = None,
     query_id: Annotated[
-        int | None, Form(ge=0, description="a gallery item as the query, instead of an image")
+        int | None,
+        Form(ge=0, le=MAX_ITEM_ID, description="a gallery item as the query, instead of an image"),
     ] = None,
     top: Annotated[int, Form(ge=1, le=MAX_TOP, description="prototypes to report")] = 3,
     overlays: Annotated[bool, Form(description="include PNG overlays as data URLs")] = True,
