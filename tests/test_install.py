@@ -60,6 +60,7 @@ def test_uv_arguments_repeat_each_source_and_resolve_like_pip() -> None:
     assert arguments == [
         "--index-strategy",
         "unsafe-best-match",
+        "--compile-bytecode",
         "--extra-index-url",
         "file:///a/simple",
         "--extra-index-url",
@@ -67,7 +68,11 @@ def test_uv_arguments_repeat_each_source_and_resolve_like_pip() -> None:
         "--constraint",
         "/c.txt",
     ]
-    assert install.uv_arguments({}) == ["--index-strategy", "unsafe-best-match"]
+    assert install.uv_arguments({}) == [
+        "--index-strategy",
+        "unsafe-best-match",
+        "--compile-bytecode",
+    ]
 
 
 def test_without_requirements_it_prints_usage_and_fails() -> None:

@@ -1,9 +1,10 @@
 """Install the project into the running interpreter's environment, fast.
 
-pip needs about 2.5 minutes to unpack torch and its CUDA libraries (5.7 GB) on two cores; uv
-does the same install in about 30 s. uv does not read pip's configuration, so the package
-indexes, find-links folders and constraints that pip is configured with (files and PIP_*
-variables) are handed to uv explicitly, and uv resolves across all of them as pip does.
+pip needs about 2 minutes to unpack torch and its CUDA libraries (5.7 GB) on two cores; uv
+does the same install, bytecode compiled, in about 45 s. uv does not read pip's configuration,
+so the package indexes, find-links folders and constraints that pip is configured with (files
+and PIP_* variables) are handed to uv explicitly, and uv resolves across all of them as pip
+does.
 Without uv (no package index to fetch it from, or GSP_INSTALLER=pip) or if uv fails, pip does
 the install as before. Standard library only: it runs before anything is installed.
 
@@ -48,7 +49,10 @@ def pip_settings(listing: str) -> dict[str, str]:
 
 def uv_arguments(settings: dict[str, str]) -> list[str]:
     """uv pip options that reproduce pip's view of where packages come from."""
-    arguments = ["--index-strategy", "unsafe-best-match"]  # pip's rule: best version anywhere
+    # pip's rules: the best version from any index, and bytecode compiled at install (without
+    # it every start recompiles torch's sources wherever .pyc files cannot be cached, e.g. under
+    # PYTHONDONTWRITEBYTECODE: imports took 17 s instead of 8 here).
+    arguments = ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
     for key, option in _PIP_TO_UV.items():
         for entry in settings.get(key, "").split():
             arguments += [option, entry]
