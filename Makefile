@@ -12,8 +12,8 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# tools/install.py installs with uv under pip's own index settings (five times faster than
-# pip for torch's CUDA wheels), falling back to pip; GSP_INSTALLER=pip forces pip.
+# tools/install.py installs with uv under pip's own index settings (two to three times faster
+# than pip for torch's CUDA wheels), falling back to pip; GSP_INSTALLER=pip forces pip.
 $(STAMP): pyproject.toml tools/install.py | $(BIN)/python
 	$(BIN)/python tools/install.py -e '.[test]'
 	touch $(STAMP) $(RUNTIME_STAMP)

@@ -43,12 +43,15 @@ import numpy as np
 
 __all__ = [
     "COMPACT_THRESHOLD",
+    "DEAD_ROWS_REBUILD",
     "INDEX_TYPES",
     "IVF_MIN_ITEMS",
     "IVF_TYPES",
     "LARGE_THRESHOLD",
+    "REFINE",
     "RERANK",
     "VectorIndex",
+    "faiss_gpu_available",
     "ivf_params",
     "pq_subquantizers",
     "resolve_index_type",

@@ -4,9 +4,8 @@ pip needs about 2 minutes to unpack torch and its CUDA libraries (5.7 GB) on two
 does the same install, bytecode compiled, in about 45 s. uv does not read pip's configuration,
 so the package indexes, find-links folders and constraints that pip is configured with (files
 and PIP_* variables) are handed to uv explicitly, and uv resolves across all of them as pip
-does.
-Without uv (no package index to fetch it from, or GSP_INSTALLER=pip) or if uv fails, pip does
-the install as before. Standard library only: it runs before anything is installed.
+does. Without uv (no package index to fetch it from, or GSP_INSTALLER=pip) or if uv fails, pip
+does the install as before. Standard library only: it runs before anything is installed.
 
 Usage: python tools/install.py REQUIREMENT [REQUIREMENT ...]   (for example -e '.[test]')
 """
