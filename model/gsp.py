@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.checks import DeferredChecks
 from model.transport import solve_transport
 
 __all__ = [
@@ -40,13 +41,20 @@ class PoolingResult:
     histogram: Tensor | None = None
 
 
-def _check_feature_map(features: Tensor, in_channels: int) -> None:
+def _check_feature_map(
+    features: Tensor, in_channels: int, checks: DeferredChecks | None = None
+) -> None:
+    """Shape checks now; the finiteness check joins ``checks`` (or is read at once without)."""
     if features.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(features.shape)}")
     if features.shape[1] != in_channels:
         raise ValueError(f"expected {in_channels} channels, got {features.shape[1]}")
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError("feature map contains NaN or infinite values")
+    finite = torch.isfinite(features).all()
+    message = "feature map contains NaN or infinite values"
+    if checks is None:
+        DeferredChecks().require(finite, message).verify()
+    else:
+        checks.require(finite, message)
 
 
 def greedy_k_center(points: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -125,7 +133,9 @@ class GeneralizedSumPooling(nn.Module):
         ``unary_cost`` ``(B, H, W)`` is added to every location's transport cost (positive
         discourages pooling a location, negative favours it).
         """
-        _check_feature_map(features, self.in_channels)
+        # Read on the device together with the solver's convergence: one sync per forward.
+        checks = DeferredChecks()
+        _check_feature_map(features, self.in_channels, checks)
         batch, _, height, width = features.shape
         projected = self.projection(features)
         self._remember(projected)
@@ -133,14 +143,15 @@ class GeneralizedSumPooling(nn.Module):
         if unary_cost is not None:
             cost = cost + unary_cost.reshape(batch, 1, height * width).to(cost.dtype)
         ratio = self.transport_ratio if transport_ratio is None else transport_ratio
-        parts = solve_transport(cost, ratio, self.entropy_weight)
+        parts = solve_transport(cost, ratio, self.entropy_weight, checks)
         n = height * width
-        ratio_t = torch.as_tensor(ratio, dtype=parts.taken.dtype, device=cost.device).reshape(-1, 1)
-        weights = parts.taken / ratio_t
+        if isinstance(ratio, Tensor):
+            ratio = ratio.to(device=cost.device, dtype=parts.taken.dtype).reshape(-1, 1)
+        weights = parts.taken / ratio
         plan = parts.assignment * (parts.taken / n)[:, None, :]
         flat = projected.flatten(2)
         embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
-        histogram = plan.sum(dim=2) / ratio_t
+        histogram = plan.sum(dim=2) / ratio
         return PoolingResult(
             embedding=embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
             weights=weights.reshape(batch, height, width),

@@ -6,21 +6,29 @@ each image, the scalar ``u`` with ``mean_i sigmoid(u + l_i) = mu`` where
 the bracket ``[logit(mu) - max l, logit(mu) - min l]``, so a safeguarded Newton iteration
 converges to machine precision in a handful of steps.  The backward pass uses the implicit
 function theorem: nothing from the iterations is stored.
+
+On a GPU the small kernels of the solve are fused by ``torch.compile`` and a forward pass reads
+the device once (input checks and convergence together): launches and host synchronisations,
+not arithmetic, set the time at the sizes of a pooling layer.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.checks import DeferredChecks
+
 __all__ = [
     "TransportParts",
     "TransportSolution",
+    "compiled_solver",
     "partial_transport",
     "solve_transport",
 ]
@@ -74,85 +82,173 @@ def _newton_step(
     return u_next, lo, hi, done.all()
 
 
-_compiled_newton_step = None
+def _newton_steps(
+    u: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    log_mass: Tensor,
+    low_ratio: Tensor,
+    log_target: Tensor,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``count`` Newton steps; ``done`` says whether every row had converged at the last one.
 
-
-def _step_function(device: torch.device):
-    """The Newton step, fused by ``torch.compile`` on CUDA where eager launches dominate.
-
-    On the GPU each step is a handful of tiny kernels, so launch overhead, not arithmetic, sets
-    the time; compiling fuses them.  Elsewhere, or when compilation is unavailable, eager.
+    A converged row stays put: at the root the Newton step is zero and the bracket holds it.
     """
-    global _compiled_newton_step
-    if device.type != "cuda" or os.environ.get("GSP_COMPILE_SOLVER", "1") == "0":
-        return _newton_step
-    if _compiled_newton_step is None:
-        _compiled_newton_step = torch.compile(_newton_step, dynamic=True)
-    return _compiled_newton_step
+    for _ in range(count):
+        u, lo, hi, done = _newton_step(u, lo, hi, log_mass, low_ratio, log_target)
+    return u, lo, hi, done
 
 
-def _solve_offset(log_mass: Tensor, ratio: Tensor) -> tuple[Tensor, int]:
-    """Root ``u`` of ``mean_i sigmoid(u + l_i) = mu`` per row, in float64, and the step count.
+def _assignment_and_log_mass(cost: Tensor, entropy_weight: float) -> tuple[Tensor, Tensor]:
+    """``softmax_k(-gamma c)`` and ``l = logsumexp_k(-gamma c)`` over prototypes ``k``.
 
-    Newton runs on ``log mean g = log mu`` for ``mu <= 1/2`` and on
-    ``log mean (1 - g) = log (1 - mu)`` above: each is nearly linear in ``u`` in its regime, so
-    a few steps suffice.  Every iterate stays inside a bracket that shrinks on each evaluation,
-    and a step leaving it is replaced by bisection, so convergence is guaranteed.
+    Shifted by each location's smallest cost, so that no kernel mass can underflow whatever
+    ``gamma``; reducing with ``amin`` costs far less than ``torch.logsumexp`` over a middle
+    dimension on a CPU, and needs no data-dependent branch on a GPU.
     """
-    log_mass_64 = log_mass.double()
+    nearest = cost.amin(dim=1, keepdim=True)
+    # -gamma (c - min c) in one pass: gamma min c + (-gamma) c.
+    kernel = torch.add(nearest * entropy_weight, cost, alpha=-entropy_weight).exp_()
+    mass = kernel.sum(dim=1, keepdim=True)
+    return kernel.div_(mass), (mass.log() - entropy_weight * nearest).squeeze(1)
+
+
+def _begin(cost: Tensor, ratio: Tensor, entropy_weight: float, steps: int) -> tuple[Tensor, ...]:
+    """Assignment, the Newton start and ``steps`` Newton steps, and the input-validity flags.
+
+    The root ``u`` of ``mean_i sigmoid(u + l_i) = mu`` is found by Newton on
+    ``log mean g = log mu`` for ``mu <= 1/2`` and on ``log mean (1 - g) = log (1 - mu)`` above:
+    each is nearly linear in ``u`` in its regime, so a few steps suffice.  Every iterate stays
+    inside the bracket ``[logit(mu) - max l, logit(mu) - min l]``, which shrinks on each
+    evaluation, and a step leaving it is replaced by bisection: convergence is guaranteed.
+    """
+    assignment, log_mass = _assignment_and_log_mass(cost, entropy_weight)
+    log_mass = log_mass.double()
     mu = ratio.double()
     saturated = mu >= 1.0
     target = torch.where(saturated, torch.full_like(mu, 0.5), mu)
     low_ratio = target <= 0.5
     log_target = torch.where(low_ratio, torch.log(target), torch.log1p(-target))
     logit = torch.log(target) - torch.log1p(-target)
-    lo = logit - log_mass_64.amax(dim=1)
-    hi = logit - log_mass_64.amin(dim=1)
-    u = (logit - log_mass_64.mean(dim=1)).clamp(lo, hi)
-    step = _step_function(log_mass.device)
-    steps = 0
-    while steps < _MAX_NEWTON_STEPS:
-        steps += 1
-        u, lo, hi, done = step(u, lo, hi, log_mass_64, low_ratio, log_target)
-        if bool(done):
-            break
+    lo = logit - log_mass.amax(dim=1)
+    hi = logit - log_mass.amin(dim=1)
+    u = (logit - log_mass.mean(dim=1)).clamp(lo, hi)
+    u, lo, hi, done = _newton_steps(u, lo, hi, log_mass, low_ratio, log_target, steps)
+    # NaN propagates through both reductions; far cheaper than isfinite(cost).all() on a CPU.
+    finite = torch.isfinite(cost.amax()) & torch.isfinite(cost.amin())
+    in_range = ((ratio > 0) & (ratio <= 1)).all()
+    return assignment, log_mass, u, lo, hi, low_ratio, log_target, saturated, done, finite, in_range
+
+
+def _finish(
+    u: Tensor, log_mass: Tensor, saturated: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``z = u + l`` and the transported and kept fractions ``sigmoid(z)``, ``sigmoid(-z)``."""
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
-    return torch.where(saturated, _SATURATED_OFFSET - log_mass_64.amin(dim=1), u), steps
+    offset = torch.where(saturated, _SATURATED_OFFSET - log_mass.amin(dim=1), u)
+    z = offset[:, None] + log_mass
+    return z, torch.sigmoid(z).to(dtype), torch.sigmoid(-z).to(dtype)
 
 
-def _implicit_backward(z: Tensor, grad_g: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``g = sigmoid(u(l, mu) + l)`` w.r.t. ``l`` and ``mu`` given ``dL/dg``.
+def _backward(
+    assignment: Tensor,
+    z: Tensor,
+    grad_assignment: Tensor | None,
+    grad_taken: Tensor | None,
+    grad_kept: Tensor | None,
+    entropy_weight: float,
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. the cost and ``mu`` given those w.r.t. assignment, taken and kept.
 
-    By the implicit function theorem, with ``s_i = g_i (1 - g_i)``:
-    ``du/dl_i = -s_i / sum_j s_j`` and ``du/dmu = n / sum_j s_j``.
+    By the implicit function theorem, with ``g = sigmoid(u(l, mu) + l)`` and
+    ``s_i = g_i (1 - g_i)``: ``du/dl_i = -s_i / sum_j s_j`` and ``du/dmu = n / sum_j s_j``;
+    ``d l_i / d s_ik = A_ik`` and the softmax contributes ``A (G - <A, G>)``.
     """
-    n = z.shape[1]
+    grad_g = torch.zeros_like(z)
+    if grad_taken is not None:
+        grad_g = grad_g + grad_taken.double()
+    if grad_kept is not None:
+        grad_g = grad_g - grad_kept.double()
     # log s_i in the log domain, so that mu -> 1 keeps its limit share softmax(-l).
     log_s = -F.softplus(-z) - F.softplus(z)
     share = torch.softmax(log_s, dim=1)
     projected = (share * grad_g).sum(dim=1, keepdim=True)
-    return log_s.exp() * (grad_g - projected), n * projected.squeeze(1)
+    grad_l = log_s.exp() * (grad_g - projected)
+    grad_mu = z.shape[1] * projected.squeeze(1)
+    grad_scores = assignment * grad_l.to(assignment.dtype)[:, None, :]
+    if grad_assignment is not None:
+        inner = (assignment * grad_assignment).sum(dim=1, keepdim=True)
+        grad_scores = grad_scores + assignment * (grad_assignment - inner)
+    return grad_scores * (-entropy_weight), grad_mu
 
 
-# Below this total kernel mass a location's terms may underflow: take the max-shifted path.
-_UNSHIFTED_MIN_MASS = 1.0e-30
+class _Solver(NamedTuple):
+    """The solver's parts and how many Newton steps run between two convergence checks."""
+
+    begin: Callable
+    newton: Callable
+    finish: Callable
+    backward: Callable
+    steps_per_check: int
 
 
-def _assignment_and_log_mass(cost: Tensor, entropy_weight: float) -> tuple[Tensor, Tensor]:
-    """``softmax_k(-gamma c)`` and ``l = logsumexp_k(-gamma c)`` with as few passes as possible.
+_EAGER = _Solver(_begin, _newton_steps, _finish, _backward, steps_per_check=1)
+# On a GPU a convergence check stalls the launch queue, so Newton runs in blocks between checks;
+# 8 steps cover every case measured (2 to 8 from the start above).
+_GPU_STEPS_PER_CHECK = 8
+_compiled_solver: _Solver | None = None
 
-    Usually no location's kernel mass underflows and plain exponentials suffice (three passes
-    over the costs); otherwise the max-shifted softmax is used, and ``l`` is read off it at its
-    largest entry (``l = max s - log max A``), which cannot underflow.
+
+def compiled_solver(steps_per_check: int = _GPU_STEPS_PER_CHECK) -> _Solver:
+    """The solver's parts fused by ``torch.compile``: a handful of kernels instead of dozens."""
+    parts = (torch.compile(part, dynamic=True) for part in _EAGER[:4])
+    return _Solver(*parts, steps_per_check=steps_per_check)
+
+
+def _solver_for(device: torch.device) -> _Solver:
+    """Compiled, in blocks of Newton steps, on CUDA, where launches and syncs set the time.
+
+    On a CPU arithmetic dominates and a check costs nothing: eager, checked after each step.
+    ``GSP_COMPILE_SOLVER=0`` keeps CUDA eager too (still in blocks).
     """
-    kernel = cost.mul(-entropy_weight).exp_()
-    mass = kernel.sum(dim=1)
-    if bool(mass.amin() > _UNSHIFTED_MIN_MASS):
-        return kernel.div_(mass[:, None, :]), mass.log()
-    scores = cost * (-entropy_weight)
-    assignment = torch.softmax(scores, dim=1)
-    largest, best = assignment.max(dim=1, keepdim=True)
-    return assignment, (scores.gather(1, best) - largest.log()).squeeze(1)
+    global _compiled_solver
+    if device.type != "cuda":
+        return _EAGER
+    if os.environ.get("GSP_COMPILE_SOLVER", "1") == "0":
+        return _EAGER._replace(steps_per_check=_GPU_STEPS_PER_CHECK)
+    if _compiled_solver is None:
+        _compiled_solver = compiled_solver()
+    return _compiled_solver
+
+
+class _Solved(NamedTuple):
+    assignment: Tensor  # (B, m, n)
+    z: Tensor  # (B, n) float64: u + l
+    taken: Tensor  # (B, n)
+    kept: Tensor  # (B, n)
+    steps: int  # Newton steps run
+
+
+def _solve(cost: Tensor, ratio: Tensor, entropy_weight: float, checks: DeferredChecks) -> _Solved:
+    """Solve every row to float64 precision; the checks are read with the first convergence flag."""
+    solver = _solver_for(cost.device)
+    block = solver.steps_per_check
+    (assignment, log_mass, u, lo, hi, low_ratio, log_target, saturated, done, finite, in_range) = (
+        solver.begin(cost, ratio, entropy_weight, block)
+    )
+    checks.require(finite, "cost contains NaN or infinite values")
+    checks.require(
+        in_range, lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}"
+    )
+    (converged,) = checks.verify(done)
+    steps = block
+    while not converged and steps < _MAX_NEWTON_STEPS:
+        u, lo, hi, done = solver.newton(u, lo, hi, log_mass, low_ratio, log_target, block)
+        steps += block
+        converged = bool(done)
+    z, taken, kept = solver.finish(u, log_mass, saturated, cost.dtype)
+    return _Solved(assignment, z, taken, kept, steps)
 
 
 class _Transport(torch.autograd.Function):
@@ -160,37 +256,29 @@ class _Transport(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, cost: Tensor, ratio: Tensor, entropy_weight: float
+        ctx, cost: Tensor, ratio: Tensor, entropy_weight: float, checks: DeferredChecks
     ) -> tuple[Tensor, Tensor, Tensor]:
-        assignment, log_mass = _assignment_and_log_mass(cost, entropy_weight)
-        offset, _ = _solve_offset(log_mass, ratio)
-        z = offset[:, None] + log_mass.double()
-        ctx.save_for_backward(assignment, z)
+        solved = _solve(cost, ratio, entropy_weight, checks)
+        ctx.save_for_backward(solved.assignment, solved.z)
         ctx.entropy_weight = entropy_weight
         ctx.ratio_dtype = ratio.dtype
-        taken = torch.sigmoid(z).to(cost.dtype)
-        kept = torch.sigmoid(-z).to(cost.dtype)
-        return assignment, taken, kept
+        return solved.assignment, solved.taken, solved.kept
 
     @staticmethod
     def backward(ctx, grad_assignment, grad_taken, grad_kept):
         assignment, z = ctx.saved_tensors
-        grad_g = torch.zeros_like(z)
-        if grad_taken is not None:
-            grad_g = grad_g + grad_taken.double()
-        if grad_kept is not None:
-            grad_g = grad_g - grad_kept.double()
-        grad_l, grad_mu = _implicit_backward(z, grad_g)
-        # d l_i / d s_ik = A_ik; the softmax contributes A (G - <A, G>).
-        grad_scores = assignment * grad_l.to(assignment.dtype)[:, None, :]
-        if grad_assignment is not None:
-            inner = (assignment * grad_assignment).sum(dim=1, keepdim=True)
-            grad_scores = grad_scores + assignment * (grad_assignment - inner)
-        grad_cost = grad_scores * (-ctx.entropy_weight)
-        return grad_cost, grad_mu.to(ctx.ratio_dtype), None
+        backward = _solver_for(z.device).backward
+        grad_cost, grad_mu = backward(
+            assignment, z, grad_assignment, grad_taken, grad_kept, ctx.entropy_weight
+        )
+        return grad_cost, grad_mu.to(ctx.ratio_dtype), None, None
 
 
 def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float) -> Tensor:
+    """Host-side checks of shapes and types; the ratio as a ``(B,)`` tensor on the cost's device.
+
+    Checks that need the data (finite costs, the ratio's range) are deferred to the solve.
+    """
     if not isinstance(cost, Tensor) or cost.dim() != 3:
         shape = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
         raise ValueError(f"cost must be a (B, m, n) tensor, got shape {shape}")
@@ -201,12 +289,12 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
         raise TypeError(f"cost must be a floating-point tensor, got {cost.dtype}")
     if not math.isfinite(entropy_weight) or entropy_weight <= 0:
         raise ValueError(f"entropy_weight must be a positive finite number, got {entropy_weight}")
-    if isinstance(transport_ratio, Tensor):
-        ratio = transport_ratio.to(cost.device)
-        if not ratio.is_floating_point():
-            ratio = ratio.double()
-    else:
-        ratio = torch.tensor(float(transport_ratio), dtype=torch.float64, device=cost.device)
+    if not isinstance(transport_ratio, Tensor):
+        # A fill, not a copy from the host: no transfer to wait for on a GPU.
+        return torch.full((batch,), float(transport_ratio), dtype=torch.float64, device=cost.device)
+    ratio = transport_ratio.to(cost.device)
+    if not ratio.is_floating_point():
+        ratio = ratio.double()
     if ratio.dim() == 0:
         ratio = ratio.expand(batch)
     if ratio.shape != (batch,):
@@ -214,14 +302,6 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
             f"transport_ratio must be a float or a ({batch},) tensor, "
             f"got shape {tuple(ratio.shape)}"
         )
-    # One device synchronisation for both checks; a NaN or inf anywhere shows in the sum.
-    finite, in_range = torch.stack(
-        [torch.isfinite(cost.sum()), ((ratio > 0) & (ratio <= 1)).all()]
-    ).tolist()
-    if not finite:
-        raise ValueError("cost contains NaN or infinite values")
-    if not in_range:
-        raise ValueError(f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}")
     return ratio
 
 
@@ -234,16 +314,23 @@ class TransportParts(NamedTuple):
 
 
 def solve_transport(
-    cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float
+    cost: Tensor,
+    transport_ratio: float | Tensor,
+    entropy_weight: float,
+    checks: DeferredChecks | None = None,
 ) -> TransportParts:
     """Solve the transport and return its factors; see :func:`partial_transport`.
 
     Poolings use the factors directly so that ``transport_ratio = 1`` gives weights of exactly 1.
+    ``checks`` are the caller's pending input checks, read in the solver's one synchronisation.
     """
     ratio = _check_inputs(cost, transport_ratio, entropy_weight)
     work_dtype = torch.promote_types(cost.dtype, torch.float32)
+    checks = DeferredChecks() if checks is None else checks
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        return TransportParts(*_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight)))
+        return TransportParts(
+            *_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight), checks)
+        )
 
 
 def partial_transport(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
+
 import pytest
 import torch
 
-from model.transport import _assignment_and_log_mass, _solve_offset, partial_transport
+import model.transport as transport
+from model.checks import DeferredChecks
+from model.transport import partial_transport
 from tests.reference_transport import converged_fixed_point, fixed_point_transport
 
 RATIOS = torch.tensor([0.05, 0.3, 0.7, 0.9, 0.99], dtype=torch.float64)
@@ -43,8 +48,7 @@ def test_plan_matches_converged_fixed_point(n: int, m: int, gamma: float) -> Non
 @pytest.mark.parametrize("gamma", [0.1, 1.0, 5.0, 20.0, 100.0])
 def test_newton_converges_in_a_handful_of_steps(gamma: float) -> None:
     cost = torch.rand(len(RATIOS), 64, 196, generator=torch.Generator().manual_seed(3)) * 2
-    _, log_mass = _assignment_and_log_mass(cost, gamma)
-    _, steps = _solve_offset(log_mass, RATIOS)
+    steps = transport._solve(cost, RATIOS, gamma, DeferredChecks()).steps
     assert steps <= 10
 
 
@@ -136,3 +140,72 @@ def test_cuda_matches_cpu() -> None:
     plan_gpu, residual_gpu = partial_transport(cost.cuda(), 0.3, 5.0)
     assert (plan_gpu.cpu() - plan_cpu).abs().max() < 1e-6
     assert (residual_gpu.cpu() - residual_cpu).abs().max() < 1e-6
+
+
+def solve_with_gradients(cost: torch.Tensor, ratio: torch.Tensor, gamma: float):
+    cost = cost.clone().requires_grad_()
+    ratio = ratio.clone().requires_grad_()
+    plan, residual = partial_transport(cost, ratio, gamma)
+    (plan.square().sum() + (residual * torch.arange(cost.shape[2])).sum()).backward()
+    return plan.detach(), residual.detach(), cost.grad, ratio.grad
+
+
+def test_deferred_checks_raise_the_first_failure_and_return_the_values() -> None:
+    checks = DeferredChecks().require(torch.tensor(True), "never")
+    checks.require(torch.tensor(False), "first").require(torch.tensor(False), lambda: "second")
+    with pytest.raises(ValueError, match="first"):
+        checks.verify(torch.tensor(True))
+    assert DeferredChecks().require(torch.tensor(1.0) > 0, "x").verify(
+        torch.tensor(False), torch.tensor(True)
+    ) == [False, True]
+    assert DeferredChecks().verify() == []
+
+
+def test_newton_in_blocks_between_checks_is_still_exact(monkeypatch) -> None:
+    """The GPU schedule (8 steps per convergence check) on the CPU, where it can be tested."""
+    cost = adversarial_costs(16, 49)
+    ratios = torch.cat([RATIOS, RATIOS[[0, 2, 4, 3]]])
+    stepwise = solve_with_gradients(cost, ratios, 5.0)
+    monkeypatch.setattr(transport, "_solver_for", lambda device: blocks)
+    blocks = transport._EAGER._replace(steps_per_check=8)
+    for ours, reference in zip(solve_with_gradients(cost, ratios, 5.0), stepwise, strict=True):
+        assert (ours - reference).abs().max() < 1e-13
+    for bad_cost, ratio, message in [
+        (torch.full((2, 4, 5), float("inf")), 0.3, "NaN"),
+        (torch.rand(2, 4, 5), torch.tensor([0.3, 1.5]), "transport_ratio"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            partial_transport(bad_cost, ratio, 5.0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_compiled_solver_equals_the_eager_one(monkeypatch) -> None:
+    """The fused parts that CUDA runs, compiled here for the CPU: same plan and gradients."""
+    cost = adversarial_costs(8, 9)
+    ratios = torch.cat([RATIOS, RATIOS[[0, 2, 4, 3]]])
+    eager = solve_with_gradients(cost, ratios, 3.0)
+    monkeypatch.setattr(transport, "_solver_for", lambda device: compiled)
+    compiled = transport.compiled_solver()
+    for ours, reference in zip(solve_with_gradients(cost, ratios, 3.0), eager, strict=True):
+        assert (ours - reference).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="NaN"):
+        partial_transport(torch.full_like(cost, float("nan")), ratios, 3.0)
+
+
+@pytest.mark.gpu
+def test_a_gsp_forward_synchronises_with_the_host_once() -> None:
+    from model.gsp import GeneralizedSumPooling
+
+    layer = GeneralizedSumPooling(64, 32).cuda()
+    features = torch.randn(8, 64, 7, 7, device="cuda")
+    layer(features)  # compile and warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(features)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
