@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.checks import DeferredChecks
+from model.checks import DeferredChecks, all_finite
+from model.compiling import fused
 from model.transport import solve_transport
 
 __all__ = [
@@ -49,7 +50,7 @@ def _check_feature_map(
         raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(features.shape)}")
     if features.shape[1] != in_channels:
         raise ValueError(f"expected {in_channels} channels, got {features.shape[1]}")
-    finite = torch.isfinite(features).all()
+    finite = all_finite(features)
     message = "feature map contains NaN or infinite values"
     if checks is None:
         DeferredChecks().require(finite, message).verify()
@@ -72,6 +73,33 @@ def greedy_k_center(points: Tensor, k: int, generator: torch.Generator | None = 
         chosen.append(pick)
         nearest = torch.minimum(nearest, torch.cdist(points, points[pick : pick + 1]).squeeze(1))
     return points[chosen]
+
+
+def _cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
+    """Distances ``sqrt(2 - 2 cos)`` between every location of ``projected`` and prototype."""
+    dtype = torch.promote_types(projected.dtype, torch.float32)
+    locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
+    prototypes = F.normalize(prototypes.to(dtype), dim=1)
+    cosine = torch.einsum("kd,bdn->bkn", prototypes, locations)
+    return (2 - 2 * cosine).clamp_min(1e-12).sqrt()
+
+
+def _pooled(
+    assignment: Tensor, taken: Tensor, projected: Tensor, ratio: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weights ``g / mu``, plan, pooled vector ``mean_i w_i z_i`` and histogram from the solve."""
+    n = taken.shape[1]
+    weights = taken / ratio
+    plan = assignment * (taken / n)[:, None, :]
+    flat = projected.flatten(2)
+    embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
+    histogram = plan.sum(dim=2) / ratio
+    return (
+        weights,
+        plan,
+        embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
+        histogram,
+    )
 
 
 class GeneralizedSumPooling(nn.Module):
@@ -115,11 +143,7 @@ class GeneralizedSumPooling(nn.Module):
 
     def costs(self, projected: Tensor) -> Tensor:
         """``(B, m, n)`` distances between L2-normalised locations and prototypes, in [0, 2]."""
-        dtype = torch.promote_types(projected.dtype, torch.float32)
-        locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
-        prototypes = F.normalize(self.prototypes.to(dtype), dim=1)
-        cosine = torch.einsum("kd,bdn->bkn", prototypes, locations)
-        return (2 - 2 * cosine).clamp_min(1e-12).sqrt()
+        return fused(_cosine_costs, projected.device)(projected, self.prototypes)
 
     def forward(
         self,
@@ -144,16 +168,18 @@ class GeneralizedSumPooling(nn.Module):
             cost = cost + unary_cost.reshape(batch, 1, height * width).to(cost.dtype)
         ratio = self.transport_ratio if transport_ratio is None else transport_ratio
         parts = solve_transport(cost, ratio, self.entropy_weight, checks)
-        n = height * width
+        # A (B, 1) tensor, so that a compiled pooling is not specialised to each ratio's value;
+        # a fill, not a copy from the host.
+        dtype = parts.taken.dtype
         if isinstance(ratio, Tensor):
-            ratio = ratio.to(device=cost.device, dtype=parts.taken.dtype).reshape(-1, 1)
-        weights = parts.taken / ratio
-        plan = parts.assignment * (parts.taken / n)[:, None, :]
-        flat = projected.flatten(2)
-        embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
-        histogram = plan.sum(dim=2) / ratio
+            ratio = ratio.to(cost.device, dtype).expand(batch).reshape(batch, 1)
+        else:
+            ratio = torch.full((batch, 1), float(ratio), dtype=dtype, device=cost.device)
+        weights, plan, embedding, histogram = fused(_pooled, cost.device)(
+            parts.assignment, parts.taken, projected, ratio
+        )
         return PoolingResult(
-            embedding=embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
+            embedding=embedding,
             weights=weights.reshape(batch, height, width),
             plan=plan.reshape(batch, -1, height, width),
             histogram=histogram,

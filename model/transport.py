@@ -15,7 +15,6 @@ not arithmetic, set the time at the sizes of a pooling layer.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.checks import DeferredChecks
+from model.checks import DeferredChecks, all_finite
+from model.compiling import fused
 
 __all__ = [
     "TransportParts",
     "TransportSolution",
-    "compiled_solver",
     "partial_transport",
     "solve_transport",
 ]
@@ -135,8 +134,7 @@ def _begin(cost: Tensor, ratio: Tensor, entropy_weight: float, steps: int) -> tu
     hi = logit - log_mass.amin(dim=1)
     u = (logit - log_mass.mean(dim=1)).clamp(lo, hi)
     u, lo, hi, done = _newton_steps(u, lo, hi, log_mass, low_ratio, log_target, steps)
-    # NaN propagates through both reductions; far cheaper than isfinite(cost).all() on a CPU.
-    finite = torch.isfinite(cost.amax()) & torch.isfinite(cost.amin())
+    finite = all_finite(cost)
     in_range = ((ratio > 0) & (ratio <= 1)).all()
     return assignment, log_mass, u, lo, hi, low_ratio, log_target, saturated, done, finite, in_range
 
@@ -197,29 +195,15 @@ _EAGER = _Solver(_begin, _newton_steps, _finish, _backward, steps_per_check=1)
 # On a GPU a convergence check stalls the launch queue, so Newton runs in blocks between checks;
 # 8 steps cover every case measured (2 to 8 from the start above).
 _GPU_STEPS_PER_CHECK = 8
-_compiled_solver: _Solver | None = None
-
-
-def compiled_solver(steps_per_check: int = _GPU_STEPS_PER_CHECK) -> _Solver:
-    """The solver's parts fused by ``torch.compile``: a handful of kernels instead of dozens."""
-    parts = (torch.compile(part, dynamic=True) for part in _EAGER[:4])
-    return _Solver(*parts, steps_per_check=steps_per_check)
 
 
 def _solver_for(device: torch.device) -> _Solver:
-    """Compiled, in blocks of Newton steps, on CUDA, where launches and syncs set the time.
+    """On CUDA, where launches and syncs set the time: fused parts, blocks of Newton steps.
 
     On a CPU arithmetic dominates and a check costs nothing: eager, checked after each step.
-    ``GSP_COMPILE_SOLVER=0`` keeps CUDA eager too (still in blocks).
     """
-    global _compiled_solver
-    if device.type != "cuda":
-        return _EAGER
-    if os.environ.get("GSP_COMPILE_SOLVER", "1") == "0":
-        return _EAGER._replace(steps_per_check=_GPU_STEPS_PER_CHECK)
-    if _compiled_solver is None:
-        _compiled_solver = compiled_solver()
-    return _compiled_solver
+    steps = _GPU_STEPS_PER_CHECK if device.type == "cuda" else 1
+    return _Solver(*(fused(part, device) for part in _EAGER[:4]), steps_per_check=steps)
 
 
 class _Solved(NamedTuple):

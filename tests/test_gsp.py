@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+import model.compiling as compiling
 from model.gsp import (
     GeneralizedSumPooling,
     PoolingResult,
@@ -61,6 +64,27 @@ def test_gradcheck_whole_layer() -> None:
 
     prototypes = layer.prototypes.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(pooled, (features, prototypes))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_compiled_layer_equals_the_eager_one(monkeypatch) -> None:
+    """The parts CUDA runs compiled (costs, solve, pooling), here on the CPU: same results."""
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=4).double()
+    features = feature_map()
+    unary = torch.randn(3, 5, 5, dtype=torch.float64)
+    ratio = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+
+    def run() -> list[torch.Tensor]:
+        layer.zero_grad()
+        result = layer(features, transport_ratio=ratio, unary_cost=unary)
+        (result.embedding.square().sum() + result.histogram[:, 0].sum()).backward()
+        outputs = [result.embedding, result.weights, result.plan, result.histogram]
+        return [t.detach() for t in outputs] + [p.grad.clone() for p in layer.parameters()]
+
+    eager = run()
+    monkeypatch.setattr(compiling, "compile_enabled", lambda device: True)
+    for ours, reference in zip(run(), eager, strict=True):
+        assert (ours - reference).abs().max() < 1e-12
 
 
 def test_query_time_ratio_and_unary_cost() -> None:
