@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.service.inference import StartupError
+from app.service.inference import InferenceEngine, StartupError
 from app.service.main import create_app
 from tests.test_service_support import (
     API_KEY,
@@ -465,3 +466,23 @@ def test_a_second_writer_is_refused_at_startup(
 ) -> None:
     with pytest.raises(StartupError, match="open for writing"):
         create_app(service_assets.settings())
+
+
+def test_warm_up_embeds_a_single_image_and_a_batch(
+    service_assets: ServiceAssets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a GPU service says ready it has run (and compiled) both batch shapes."""
+    engine = InferenceEngine(
+        service_assets.checkpoint, torch.device("cpu"), max_batch_size=4, max_wait_ms=1
+    )
+    seen: list[list[tuple[int, ...]]] = []
+    real = engine.embed_tensors
+
+    def recording(tensors):
+        seen.append([tuple(t.shape) for t in tensors])
+        return real(tensors)
+
+    monkeypatch.setattr(engine, "embed_tensors", recording)
+    engine.warm_up()
+    size = engine.preprocessing.image_size
+    assert seen == [[(3, size, size)], [(3, size, size)] * 2]

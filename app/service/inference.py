@@ -76,6 +76,17 @@ class InferenceEngine:
             name=f"model-{device.type}",
             on_batch=on_batch,
         )
+        if device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the first forwards (layer compilation, cuDNN plans) before the service is ready.
+
+        Batches of 1 and 2 cover both compiled shapes: a single image and any larger batch.
+        """
+        size = self.preprocessing.image_size
+        for batch in (1, 2):
+            self.embed_tensors([torch.zeros(3, size, size)] * batch)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """The network input ``(3, S, S)`` for one RGB image (CPU tensor)."""
