@@ -97,6 +97,28 @@ def solve_share(layer: GeneralizedSumPooling, features, device, repeats: int) ->
     print(f"          of which the transport solve forward+backward: {solve_ms:.2f} ms")
 
 
+def profile_layer(device: torch.device) -> None:
+    """Where a layer forward+backward spends its time, by operation (``--profile``)."""
+    print("\nProfile: layer forward+backward, B=64 C=1280 d=512 m=64 n=49, 10 calls")
+    layer = GeneralizedSumPooling(1280, 512, num_prototypes=64).to(device)
+    features = torch.randn(64, 1280, 7, 7, device=device, requires_grad=True)
+
+    def whole_layer() -> None:
+        result = layer(features)
+        (result.embedding.sum() + result.histogram.sum()).backward()
+
+    timed(whole_layer, device, 3)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(10):
+            whole_layer()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def solver_against_fixed_point(device: torch.device, repeats: int) -> None:
     print("\n2. Exact solve against the reference 100-iteration fixed point (float32 inputs)")
     torch.manual_seed(0)
@@ -220,9 +242,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-resnet", action="store_true", help="skip the training step")
+    parser.add_argument(
+        "--profile", action="store_true", help="only print an operator profile of the layer"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"machine: {machine(device)}")
+    if args.profile:
+        profile_layer(device)
+        return
     layer_against_cost_matrix(device, args.repeats)
     solver_against_fixed_point(device, args.repeats)
     peak_memory(device)

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.checks import DeferredChecks, all_finite
+from model.checks import all_finite
 from model.compiling import fused
-from model.transport import solve_transport
+from model.gsp_function import cosine_costs, gsp_pool
+from model.transport import ratio_tensor
 
 __all__ = [
     "POOLINGS",
@@ -42,20 +43,15 @@ class PoolingResult:
     histogram: Tensor | None = None
 
 
-def _check_feature_map(
-    features: Tensor, in_channels: int, checks: DeferredChecks | None = None
-) -> None:
-    """Shape checks now; the finiteness check joins ``checks`` (or is read at once without)."""
+def _check_feature_map(features: Tensor, in_channels: int, *, finite: bool = True) -> None:
+    """Shape checks, and unless ``finite`` is False (GSP checks inside its fused pooling,
+    read in its one sync) that no value is NaN or infinite."""
     if features.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(features.shape)}")
     if features.shape[1] != in_channels:
         raise ValueError(f"expected {in_channels} channels, got {features.shape[1]}")
-    finite = all_finite(features)
-    message = "feature map contains NaN or infinite values"
-    if checks is None:
-        DeferredChecks().require(finite, message).verify()
-    else:
-        checks.require(finite, message)
+    if finite and not bool(all_finite(features)):
+        raise ValueError("feature map contains NaN or infinite values")
 
 
 def greedy_k_center(points: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -73,33 +69,6 @@ def greedy_k_center(points: Tensor, k: int, generator: torch.Generator | None = 
         chosen.append(pick)
         nearest = torch.minimum(nearest, torch.cdist(points, points[pick : pick + 1]).squeeze(1))
     return points[chosen]
-
-
-def _cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
-    """Distances ``sqrt(2 - 2 cos)`` between every location of ``projected`` and prototype."""
-    dtype = torch.promote_types(projected.dtype, torch.float32)
-    locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
-    prototypes = F.normalize(prototypes.to(dtype), dim=1)
-    cosine = torch.einsum("kd,bdn->bkn", prototypes, locations)
-    return (2 - 2 * cosine).clamp_min(1e-12).sqrt()
-
-
-def _pooled(
-    assignment: Tensor, taken: Tensor, projected: Tensor, ratio: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Weights ``g / mu``, plan, pooled vector ``mean_i w_i z_i`` and histogram from the solve."""
-    n = taken.shape[1]
-    weights = taken / ratio
-    plan = assignment * (taken / n)[:, None, :]
-    flat = projected.flatten(2)
-    embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
-    histogram = plan.sum(dim=2) / ratio
-    return (
-        weights,
-        plan,
-        embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
-        histogram,
-    )
 
 
 class GeneralizedSumPooling(nn.Module):
@@ -143,7 +112,7 @@ class GeneralizedSumPooling(nn.Module):
 
     def costs(self, projected: Tensor) -> Tensor:
         """``(B, m, n)`` distances between L2-normalised locations and prototypes, in [0, 2]."""
-        return fused(_cosine_costs, projected.device)(projected, self.prototypes)
+        return fused(cosine_costs, projected.device)(projected, self.prototypes)
 
     def forward(
         self,
@@ -157,26 +126,19 @@ class GeneralizedSumPooling(nn.Module):
         ``unary_cost`` ``(B, H, W)`` is added to every location's transport cost (positive
         discourages pooling a location, negative favours it).
         """
-        # Read on the device together with the solver's convergence: one sync per forward.
-        checks = DeferredChecks()
-        _check_feature_map(features, self.in_channels, checks)
+        _check_feature_map(features, self.in_channels, finite=False)
         batch, _, height, width = features.shape
         projected = self.projection(features)
         self._remember(projected)
-        cost = self.costs(projected)
-        if unary_cost is not None:
-            cost = cost + unary_cost.reshape(batch, 1, height * width).to(cost.dtype)
         ratio = self.transport_ratio if transport_ratio is None else transport_ratio
-        parts = solve_transport(cost, ratio, self.entropy_weight, checks)
-        # A (B, 1) tensor, so that a compiled pooling is not specialised to each ratio's value;
-        # a fill, not a copy from the host.
-        dtype = parts.taken.dtype
-        if isinstance(ratio, Tensor):
-            ratio = ratio.to(cost.device, dtype).expand(batch).reshape(batch, 1)
-        else:
-            ratio = torch.full((batch, 1), float(ratio), dtype=dtype, device=cost.device)
-        weights, plan, embedding, histogram = fused(_pooled, cost.device)(
-            parts.assignment, parts.taken, projected, ratio
+        if unary_cost is not None:
+            unary_cost = unary_cost.reshape(batch, height, width)
+        weights, plan, embedding, histogram = gsp_pool(
+            projected,
+            self.prototypes,
+            unary_cost,
+            ratio_tensor(ratio, batch, features.device),
+            self.entropy_weight,
         )
         return PoolingResult(
             embedding=embedding,

@@ -29,6 +29,7 @@ __all__ = [
     "TransportParts",
     "TransportSolution",
     "partial_transport",
+    "ratio_tensor",
     "solve_transport",
 ]
 
@@ -206,6 +207,44 @@ def _solver_for(device: torch.device) -> _Solver:
     return _Solver(*(fused(part, device) for part in _EAGER[:4]), steps_per_check=steps)
 
 
+class _Begun(NamedTuple):
+    """What :func:`_begin` returns: the solver's state after the first block, and its flags."""
+
+    assignment: Tensor  # (B, m, n)
+    log_mass: Tensor  # (B, n) float64
+    u: Tensor
+    lo: Tensor
+    hi: Tensor
+    low_ratio: Tensor
+    log_target: Tensor
+    saturated: Tensor
+    done: Tensor  # every row converged at the block's last step
+    finite: Tensor  # the costs hold no NaN or infinity
+    in_range: Tensor  # every ratio lies in (0, 1]
+
+
+def _settle(
+    solver: _Solver, begun: _Begun, ratio: Tensor, checks: DeferredChecks
+) -> tuple[Tensor, int]:
+    """Read the input checks with the first block's convergence flag (one host sync), then run
+    further blocks until every row has converged (rare); returns ``u`` and the steps run."""
+    checks.require(begun.finite, "cost contains NaN or infinite values")
+    checks.require(
+        begun.in_range,
+        lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}",
+    )
+    (converged,) = checks.verify(begun.done)
+    block = solver.steps_per_check
+    u, lo, hi, steps = begun.u, begun.lo, begun.hi, block
+    while not converged and steps < _MAX_NEWTON_STEPS:
+        u, lo, hi, done = solver.newton(
+            u, lo, hi, begun.log_mass, begun.low_ratio, begun.log_target, block
+        )
+        steps += block
+        converged = bool(done)
+    return u, steps
+
+
 class _Solved(NamedTuple):
     assignment: Tensor  # (B, m, n)
     z: Tensor  # (B, n) float64: u + l
@@ -217,22 +256,10 @@ class _Solved(NamedTuple):
 def _solve(cost: Tensor, ratio: Tensor, entropy_weight: float, checks: DeferredChecks) -> _Solved:
     """Solve every row to float64 precision; the checks are read with the first convergence flag."""
     solver = _solver_for(cost.device)
-    block = solver.steps_per_check
-    (assignment, log_mass, u, lo, hi, low_ratio, log_target, saturated, done, finite, in_range) = (
-        solver.begin(cost, ratio, entropy_weight, block)
-    )
-    checks.require(finite, "cost contains NaN or infinite values")
-    checks.require(
-        in_range, lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}"
-    )
-    (converged,) = checks.verify(done)
-    steps = block
-    while not converged and steps < _MAX_NEWTON_STEPS:
-        u, lo, hi, done = solver.newton(u, lo, hi, log_mass, low_ratio, log_target, block)
-        steps += block
-        converged = bool(done)
-    z, taken, kept = solver.finish(u, log_mass, saturated, cost.dtype)
-    return _Solved(assignment, z, taken, kept, steps)
+    begun = _Begun(*solver.begin(cost, ratio, entropy_weight, solver.steps_per_check))
+    u, steps = _settle(solver, begun, ratio, checks)
+    z, taken, kept = solver.finish(u, begun.log_mass, begun.saturated, cost.dtype)
+    return _Solved(begun.assignment, z, taken, kept, steps)
 
 
 class _Transport(torch.autograd.Function):
@@ -258,6 +285,26 @@ class _Transport(torch.autograd.Function):
         return grad_cost, grad_mu.to(ctx.ratio_dtype), None, None
 
 
+def ratio_tensor(transport_ratio: float | Tensor, batch: int, device: torch.device) -> Tensor:
+    """``mu`` as a ``(B,)`` floating tensor on ``device``; its range is checked on the device.
+
+    A float becomes a fill, not a copy from the host: no transfer to wait for on a GPU.
+    """
+    if not isinstance(transport_ratio, Tensor):
+        return torch.full((batch,), float(transport_ratio), dtype=torch.float64, device=device)
+    ratio = transport_ratio.to(device)
+    if not ratio.is_floating_point():
+        ratio = ratio.double()
+    if ratio.dim() == 0:
+        ratio = ratio.expand(batch)
+    if ratio.shape != (batch,):
+        raise ValueError(
+            f"transport_ratio must be a float or a ({batch},) tensor, "
+            f"got shape {tuple(ratio.shape)}"
+        )
+    return ratio
+
+
 def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float) -> Tensor:
     """Host-side checks of shapes and types; the ratio as a ``(B,)`` tensor on the cost's device.
 
@@ -273,20 +320,7 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
         raise TypeError(f"cost must be a floating-point tensor, got {cost.dtype}")
     if not math.isfinite(entropy_weight) or entropy_weight <= 0:
         raise ValueError(f"entropy_weight must be a positive finite number, got {entropy_weight}")
-    if not isinstance(transport_ratio, Tensor):
-        # A fill, not a copy from the host: no transfer to wait for on a GPU.
-        return torch.full((batch,), float(transport_ratio), dtype=torch.float64, device=cost.device)
-    ratio = transport_ratio.to(cost.device)
-    if not ratio.is_floating_point():
-        ratio = ratio.double()
-    if ratio.dim() == 0:
-        ratio = ratio.expand(batch)
-    if ratio.shape != (batch,):
-        raise ValueError(
-            f"transport_ratio must be a float or a ({batch},) tensor, "
-            f"got shape {tuple(ratio.shape)}"
-        )
-    return ratio
+    return ratio_tensor(transport_ratio, batch, cost.device)
 
 
 class TransportParts(NamedTuple):
@@ -298,22 +332,17 @@ class TransportParts(NamedTuple):
 
 
 def solve_transport(
-    cost: Tensor,
-    transport_ratio: float | Tensor,
-    entropy_weight: float,
-    checks: DeferredChecks | None = None,
+    cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float
 ) -> TransportParts:
     """Solve the transport and return its factors; see :func:`partial_transport`.
 
-    Poolings use the factors directly so that ``transport_ratio = 1`` gives weights of exactly 1.
-    ``checks`` are the caller's pending input checks, read in the solver's one synchronisation.
+    ``transport_ratio = 1`` gives ``taken`` of exactly 1: global average pooling.
     """
     ratio = _check_inputs(cost, transport_ratio, entropy_weight)
     work_dtype = torch.promote_types(cost.dtype, torch.float32)
-    checks = DeferredChecks() if checks is None else checks
     with torch.autocast(device_type=cost.device.type, enabled=False):
         return TransportParts(
-            *_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight), checks)
+            *_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight), DeferredChecks())
         )
 
 

@@ -1,0 +1,174 @@
+"""The GSP layer after its projection as one autograd function: costs, transport, pooling.
+
+At the sizes of a pooling layer a GPU spends its time on kernel launches and on the Python
+around them, not on arithmetic.  So the costs to the prototypes, the transport solve and the
+pooled outputs run as one forward and one backward call (each compiled on CUDA, see
+model/compiling.py) with one host synchronisation, instead of a dozen separate calls.  The
+backward recomputes the cheap cost and pooling steps (``torch.func.vjp``) around the solver's
+implicit gradient, so nothing beyond the inputs, the assignment and ``u + l`` is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.checks import DeferredChecks, all_finite
+from model.compiling import fused
+from model.transport import _backward, _begin, _Begun, _finish, _settle, _solver_for
+
+__all__ = ["cosine_costs", "gsp_pool", "pooled_outputs"]
+
+_NOT_FINITE = "feature map (or its projection) contains NaN or infinite values"
+
+
+def cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
+    """Distances ``sqrt(2 - 2 cos)`` in [0, 2] between every location and every prototype."""
+    dtype = torch.promote_types(projected.dtype, torch.float32)
+    locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
+    prototypes = F.normalize(prototypes.to(dtype), dim=1)
+    cosine = torch.einsum("kd,bdn->bkn", prototypes, locations)
+    return (2 - 2 * cosine).clamp_min(1e-12).sqrt()
+
+
+def pooled_outputs(
+    assignment: Tensor, taken: Tensor, projected: Tensor, ratio: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weights ``g / mu``, plan, pooled vector ``mean_i w_i z_i``, histogram; ratio ``(B, 1)``."""
+    n = taken.shape[1]
+    weights = taken / ratio
+    plan = assignment * (taken / n)[:, None, :]
+    flat = projected.flatten(2)
+    embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
+    histogram = plan.sum(dim=2) / ratio
+    return (
+        weights,
+        plan,
+        embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
+        histogram,
+    )
+
+
+def _costs(projected: Tensor, prototypes: Tensor, *unary: Tensor) -> Tensor:
+    """Cosine costs plus the optional per-location unary cost ``(B, H, W)``."""
+    cost = cosine_costs(projected, prototypes)
+    if unary:
+        cost = cost + unary[0].reshape(cost.shape[0], 1, cost.shape[2]).to(cost.dtype)
+    return cost
+
+
+def _work_dtype(cost: Tensor) -> torch.dtype:
+    # The solve runs in at least float32, whatever autocast made of the costs.
+    return torch.promote_types(cost.dtype, torch.float32)
+
+
+def _pool_at(
+    u: Tensor, log_mass: Tensor, saturated: Tensor, assignment: Tensor, projected: Tensor,
+    ratio: Tensor,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """``z = u + l`` and the pooled outputs for a solved offset ``u``."""
+    z, taken, _ = _finish(u, log_mass, saturated, assignment.dtype)
+    return (z, *pooled_outputs(assignment, taken, projected, ratio.to(taken.dtype)[:, None]))
+
+
+def _forward_block(
+    projected: Tensor, prototypes: Tensor, unary: tuple[Tensor, ...], ratio: Tensor,
+    entropy_weight: float, steps: int,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:  # fmt: skip
+    """Whether the projected features are finite, the solver's first block of Newton steps on
+    their costs, and the outputs at its last iterate."""
+    cost = _costs(projected, prototypes, *unary)
+    with torch.autocast(device_type=projected.device.type, enabled=False):
+        begun = _begin(cost.to(_work_dtype(cost)), ratio, entropy_weight, steps)
+    assignment, log_mass, u, *_, saturated = begun[:8]
+    pooled = _pool_at(u, log_mass, saturated, assignment, projected, ratio)
+    return all_finite(projected), begun, pooled
+
+
+def _backward_block(
+    projected: Tensor, prototypes: Tensor, unary: tuple[Tensor, ...], ratio: Tensor,
+    assignment: Tensor, z: Tensor, grads: tuple[Tensor, ...], entropy_weight: float,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Gradients w.r.t. projected features, prototypes, unary cost and ratio.
+
+    Pooling and costs are differentiated by recomputing them (cheap); the transport in between
+    by the implicit function theorem (:func:`model.transport._backward`).
+    """
+    taken = torch.sigmoid(z).to(assignment.dtype)
+    ratio_column = ratio.to(taken.dtype)[:, None]
+    _, pull = torch.func.vjp(pooled_outputs, assignment, taken, projected, ratio_column)
+    grad_assignment, grad_taken, grad_projected, grad_ratio = pull(grads)
+    with torch.autocast(device_type=projected.device.type, enabled=False):
+        grad_cost, grad_mu = _backward(
+            assignment, z, grad_assignment, grad_taken, None, entropy_weight
+        )
+    cost, pull = torch.func.vjp(_costs, projected, prototypes, *unary)
+    grad_projected_cost, grad_prototypes, *grad_unary = pull(grad_cost.to(cost.dtype))
+    grad_ratio = grad_mu + grad_ratio[:, 0].to(grad_mu.dtype)
+    return grad_projected + grad_projected_cost, grad_prototypes, *grad_unary, grad_ratio
+
+
+class _GSPPool(torch.autograd.Function):
+    """Projected features to GSP weights, plan, embedding and histogram (see module doc)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        projected: Tensor,
+        prototypes: Tensor,
+        unary: Tensor | None,
+        ratio: Tensor,
+        entropy_weight: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        device = projected.device
+        solver = _solver_for(device)
+        extra = () if unary is None else (unary,)
+        finite, begun, outputs = fused(_forward_block, device)(
+            projected, prototypes, extra, ratio, entropy_weight, solver.steps_per_check
+        )
+        begun = _Begun(*begun)
+        # All input checks are read with the solver's first convergence flag: one host sync.
+        checks = DeferredChecks().require(finite, _NOT_FINITE)
+        u, steps = _settle(solver, begun, ratio, checks)
+        if steps > solver.steps_per_check:  # the first block had not converged everywhere
+            outputs = fused(_pool_at, device)(
+                u, begun.log_mass, begun.saturated, begun.assignment, projected, ratio
+            )
+        z, *pooled = outputs
+        ctx.save_for_backward(projected, prototypes, unary, ratio, begun.assignment, z)
+        ctx.entropy_weight = entropy_weight
+        ctx.autocast = (
+            torch.is_autocast_enabled(device.type),
+            torch.get_autocast_dtype(device.type),
+        )
+        return tuple(pooled)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        projected, prototypes, unary, ratio, assignment, z = ctx.saved_tensors
+        extra = () if unary is None else (unary,)
+        enabled, dtype = ctx.autocast
+        device_type = projected.device.type
+        # Recompute under the forward's autocast state, so that the recomputed steps match.
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
+            grad_projected, grad_prototypes, *grad_unary, grad_ratio = fused(
+                _backward_block, projected.device
+            )(projected, prototypes, extra, ratio, assignment, z, grads, ctx.entropy_weight)
+        grad_unary = grad_unary[0] if grad_unary else None
+        return grad_projected, grad_prototypes, grad_unary, grad_ratio.to(ratio.dtype), None
+
+
+def gsp_pool(
+    projected: Tensor,
+    prototypes: Tensor,
+    unary: Tensor | None,
+    ratio: Tensor,
+    entropy_weight: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GSP's weights ``(B, n)``, plan ``(B, m, n)``, embedding ``(B, d)`` and histogram ``(B, m)``.
+
+    ``projected`` ``(B, d, H, W)``; ``ratio`` ``(B,)`` (differentiable); ``unary`` ``(B, H, W)``
+    or None.  Raises ``ValueError`` for non-finite features or costs and ratios outside (0, 1].
+    """
+    return _GSPPool.apply(projected, prototypes, unary, ratio, float(entropy_weight))
