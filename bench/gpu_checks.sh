@@ -1,0 +1,35 @@
+#!/bin/bash
+# The GPU checks of issues 2 and 5 as one script for a lent device machine: the GSP layer
+# benchmark, the GPU tests, the service benchmark and an operator profile of the layer.
+#
+# The device image has torch but not this project's service dependencies; carry them as wheels
+# built here (see /work/.library/device/README.md), in the ignored folder .whl:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform any -d .whl faiss-cpu fastapi starlette \
+#     pydantic pydantic-core pydantic-settings python-dotenv python-multipart uvicorn httptools \
+#     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
+#     opentelemetry-api importlib-metadata zipp
+# then run `bash bench/gpu_checks.sh` there with .whl carried.  Results go to $OUT.
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-checks}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+quiet='warn|Online softmax|split the|important use|softmax\.$|^ *$'
+echo "== gsp_layer"
+timeout 130 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 | grep -v -E "$quiet" \
+    | tee "$OUT/gsp_layer.txt"
+echo "== gpu tests"
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore tests/test_transport.py \
+    tests/test_gsp.py tests/test_net.py tests/test_gallery.py 2>&1 | tail -15 \
+    | tee "$OUT/gpu_tests.txt"
+echo "== service"
+timeout 150 python3 bench/service.py --device cuda --requests 320 --max-seconds 10 2>&1 \
+    | grep -v "building gallery" | tee "$OUT/service.txt"
+echo "== profile"
+timeout 30 python3 bench/gsp_layer.py --device cuda --profile 2>&1 | grep -v -E "$quiet" \
+    | tee "$OUT/profile.txt"
