@@ -58,11 +58,6 @@ def _costs(projected: Tensor, prototypes: Tensor, *unary: Tensor) -> Tensor:
     return cost
 
 
-def _work_dtype(cost: Tensor) -> torch.dtype:
-    # The solve runs in at least float32, whatever autocast made of the costs.
-    return torch.promote_types(cost.dtype, torch.float32)
-
-
 def _pool_at(
     u: Tensor, log_mass: Tensor, saturated: Tensor, assignment: Tensor, projected: Tensor,
     ratio: Tensor,
@@ -75,12 +70,14 @@ def _pool_at(
 def _forward_block(
     projected: Tensor, prototypes: Tensor, unary: tuple[Tensor, ...], ratio: Tensor,
     entropy_weight: float, steps: int,
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:  # fmt: skip
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:  # fmt: skip
     """Whether the projected features are finite, the solver's first block of Newton steps on
     their costs, and the outputs at its last iterate."""
     cost = _costs(projected, prototypes, *unary)
+    # The solve runs in at least float32, whatever autocast made of the costs.
+    work_dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=projected.device.type, enabled=False):
-        begun = _begin(cost.to(_work_dtype(cost)), ratio, entropy_weight, steps)
+        begun = _begin(cost.to(work_dtype), ratio, entropy_weight, steps)
     assignment, log_mass, u, *_, saturated = begun[:8]
     pooled = _pool_at(u, log_mass, saturated, assignment, projected, ratio)
     return all_finite(projected), begun, pooled
@@ -113,14 +110,7 @@ class _GSPPool(torch.autograd.Function):
     """Projected features to GSP weights, plan, embedding and histogram (see module doc)."""
 
     @staticmethod
-    def forward(
-        ctx,
-        projected: Tensor,
-        prototypes: Tensor,
-        unary: Tensor | None,
-        ratio: Tensor,
-        entropy_weight: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx, projected, prototypes, unary, ratio, entropy_weight):  # see gsp_pool
         device = projected.device
         solver = _solver_for(device)
         extra = () if unary is None else (unary,)

@@ -66,6 +66,20 @@ def test_gradcheck_whole_layer() -> None:
     assert torch.autograd.gradcheck(pooled, (features, prototypes))
 
 
+def test_gradcheck_through_query_ratio_and_unary_cost() -> None:
+    """Every output of the fused layer function, w.r.t. ratio and unary cost as well."""
+    layer = GeneralizedSumPooling(6, 4, num_prototypes=3, entropy_weight=3.0).double()
+    features = feature_map(batch=2, channels=6, size=3).requires_grad_()
+    ratio = torch.tensor([0.25, 0.7], dtype=torch.float64, requires_grad=True)
+    unary = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def pooled(x, r, u):
+        result = layer(x, transport_ratio=r, unary_cost=u)
+        return result.embedding, result.weights, result.plan, result.histogram
+
+    assert torch.autograd.gradcheck(pooled, (features, ratio, unary))
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
 def test_compiled_layer_equals_the_eager_one(monkeypatch) -> None:
     """The parts CUDA runs compiled (costs, solve, pooling), here on the CPU: same results."""
