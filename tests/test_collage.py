@@ -228,10 +228,25 @@ def test_collage_transform_and_custom_classes(cifar_root) -> None:
         assert {s.parent.name for s in others} == {"frog"}
 
 
+def test_val_collages_hold_out_the_train_collages_target_photos(cifar_root: Path) -> None:
+    train = CollageDataset(cifar_root, "train", per_class=1500, seed=0)
+    val = CollageDataset(cifar_root, "val", per_class=400, seed=0)
+    val_targets = {path for path, _ in val.samples}
+    assert len(val_targets) == len(val) == 7 * 400
+    assert not val_targets & {path for path, _ in train.samples}
+    assert all(path.parent.parent.name == "train" for path in val_targets)
+    # Deterministic, and its own layout rather than a copy of the train plan's.
+    again = CollageDataset(cifar_root, "val", per_class=400, seed=0)
+    assert again.cell_sources == val.cell_sources
+    assert val.target_cells != train.target_cells[: len(val)]
+    with pytest.raises(ValueError, match="per_class"):
+        CollageDataset(cifar_root, "val", per_class=5001, seed=0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"split": "val"},
+        {"split": "validation"},
         {"per_class": 0},
         {"grid": 1},
         {"cell_size": 0},

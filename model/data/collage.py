@@ -33,7 +33,8 @@ __all__ = [
 
 DEFAULT_TARGET_CLASSES = ("airplane", "automobile", "bird", "cat", "dog", "ship", "truck")
 DEFAULT_NUISANCE_CLASSES = ("deer", "frog", "horse")
-_SPLIT_STREAM = {"train": 0, "test": 1}  # train and test plans come from independent streams
+# Each split's plan comes from its own random stream; "val" collages are made of train photos.
+_SPLIT_STREAM = {"train": 0, "test": 1, "val": 2}
 
 
 def _draw_without_replacement(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
@@ -42,12 +43,35 @@ def _draw_without_replacement(rng: np.random.Generator, size: int, count: int) -
     return np.concatenate([rng.permutation(size) for _ in range(rounds)])[:count]
 
 
+def _held_out_picks(by_label: list[list[Path]], per_class: int, seed: int) -> list[np.ndarray]:
+    """Validation target photos: the end of the permutation whose start the train plan uses.
+
+    Replays the train plan's stream (one permutation per target class while ``per_class`` fits
+    in a class, as :func:`_draw_without_replacement` draws it) and takes it from the other end.
+    """
+    plan = np.random.default_rng([seed, _SPLIT_STREAM["train"]])
+    picks = []
+    for paths in by_label:
+        if per_class > len(paths):
+            raise ValueError(
+                f"a val split needs per_class <= the photos of a class ({len(paths)}), "
+                f"got {per_class}"
+            )
+        picks.append(plan.permutation(len(paths))[::-1][:per_class])
+    return picks
+
+
 class CollageDataset(LabeledImageDataset):
     """``per_class`` collages for each target class, from the ``split`` photos of ``cifar_root``.
 
     ``cifar_root`` is the folder :func:`~model.data.cifar.ensure_cifar10` returns (holding
     ``train/`` and ``test/``); train collages use only train photos, test collages only test
-    photos. Items are ordered by target class; the label is the index into ``target_classes``.
+    photos. ``val`` collages, for choosing settings without looking at the test split, use train
+    photos too, but never a target photo of the train collages with the same ``seed``: train
+    takes each class's target photos from the start of one seeded permutation, val from its end,
+    so the two are disjoint while together they need no more photos than a class has (5,000 in
+    CIFAR-10). Nuisance photos may recur. Items are ordered by target class; the label is the
+    index into ``target_classes``.
 
     Bookkeeping, one entry per item: ``samples[i]`` is ``(target photo path, label)``,
     ``target_cells[i]`` the ``(row, col)`` of the class-bearing cell, ``cell_sources[i]`` the
@@ -67,7 +91,7 @@ class CollageDataset(LabeledImageDataset):
         transform: Callable[[Image.Image], Any] | None = None,
     ) -> None:
         if split not in _SPLIT_STREAM:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
         if grid < 2:
@@ -83,7 +107,8 @@ class CollageDataset(LabeledImageDataset):
                 f"classes must be distinct and not both target and nuisance: {overlap}"
             )
 
-        photos = ImageFolderDataset(Path(cifar_root) / split, classes=[*targets, *nuisances])
+        photo_split = "train" if split == "val" else split
+        photos = ImageFolderDataset(Path(cifar_root) / photo_split, classes=[*targets, *nuisances])
         by_label: list[list[Path]] = [[] for _ in photos.classes]
         for path, label in photos.samples:
             by_label[label].append(path)
@@ -94,9 +119,16 @@ class CollageDataset(LabeledImageDataset):
         rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
         cells = grid * grid
         samples: list[tuple[Path, int]] = []
+        picks = (
+            _held_out_picks(by_label[: len(targets)], per_class, seed)
+            if split == "val"
+            else [
+                _draw_without_replacement(rng, len(paths), per_class)
+                for paths in by_label[: len(targets)]
+            ]
+        )
         for label in range(len(targets)):
-            picks = _draw_without_replacement(rng, len(by_label[label]), per_class)
-            samples.extend((by_label[label][i], label) for i in picks)
+            samples.extend((by_label[label][i], label) for i in picks[label])
         positions = rng.integers(cells, size=len(samples))
         fillers = rng.integers(len(nuisance_pool), size=(len(samples), cells - 1))
 
