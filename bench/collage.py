@@ -35,7 +35,7 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("GAP", "collage_gap.yaml", []),
     ("GSP", "collage_gsp.yaml", []),
     ("GSP ZSR off", "collage_gsp.yaml", ["loss.zsr=false"]),
-    ("GSP random prototypes", "collage_gsp.yaml", ["prototype_init=random"]),
+    ("GSP k-center prototypes", "collage_gsp.yaml", ["prototype_init=kcenter"]),
     ("GSP mu 0.15", "collage_gsp.yaml", ["model.pooling_options.transport_ratio=0.15"]),
     ("GSP mu 0.5", "collage_gsp.yaml", ["model.pooling_options.transport_ratio=0.5"]),
     ("GSP mu 0.3", "collage_gsp.yaml", ["model.pooling_options.transport_ratio=0.3"]),
