@@ -253,11 +253,12 @@ class _Solved(NamedTuple):
     steps: int  # Newton steps run
 
 
-def _solve(cost: Tensor, ratio: Tensor, entropy_weight: float, checks: DeferredChecks) -> _Solved:
-    """Solve every row to float64 precision; the checks are read with the first convergence flag."""
+def _solve(cost: Tensor, ratio: Tensor, entropy_weight: float) -> _Solved:
+    """Solve every row to float64 precision; the input checks are read with the first
+    convergence flag."""
     solver = _solver_for(cost.device)
     begun = _Begun(*solver.begin(cost, ratio, entropy_weight, solver.steps_per_check))
-    u, steps = _settle(solver, begun, ratio, checks)
+    u, steps = _settle(solver, begun, ratio, DeferredChecks())
     z, taken, kept = solver.finish(u, begun.log_mass, begun.saturated, cost.dtype)
     return _Solved(begun.assignment, z, taken, kept, steps)
 
@@ -267,9 +268,9 @@ class _Transport(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, cost: Tensor, ratio: Tensor, entropy_weight: float, checks: DeferredChecks
+        ctx, cost: Tensor, ratio: Tensor, entropy_weight: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        solved = _solve(cost, ratio, entropy_weight, checks)
+        solved = _solve(cost, ratio, entropy_weight)
         ctx.save_for_backward(solved.assignment, solved.z)
         ctx.entropy_weight = entropy_weight
         ctx.ratio_dtype = ratio.dtype
@@ -282,7 +283,7 @@ class _Transport(torch.autograd.Function):
         grad_cost, grad_mu = backward(
             assignment, z, grad_assignment, grad_taken, grad_kept, ctx.entropy_weight
         )
-        return grad_cost, grad_mu.to(ctx.ratio_dtype), None, None
+        return grad_cost, grad_mu.to(ctx.ratio_dtype), None
 
 
 def ratio_tensor(transport_ratio: float | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -341,9 +342,7 @@ def solve_transport(
     ratio = _check_inputs(cost, transport_ratio, entropy_weight)
     work_dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        return TransportParts(
-            *_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight), DeferredChecks())
-        )
+        return TransportParts(*_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight)))
 
 
 def partial_transport(
