@@ -486,3 +486,23 @@ def test_warm_up_embeds_a_single_image_and_a_batch(
     engine.warm_up()
     size = engine.preprocessing.image_size
     assert seen == [[(3, size, size)], [(3, size, size)] * 2]
+
+
+def test_engine_embeds_exactly_as_the_indexer_transform(service_assets: ServiceAssets) -> None:
+    """The service ships uint8 crops and normalises on the device: same input, same output."""
+    from model.transforms import eval_transform
+
+    engine = InferenceEngine(
+        service_assets.checkpoint, torch.device("cpu"), max_batch_size=4, max_wait_ms=1
+    )
+    images = [drawn_image("red", 0, size=120), drawn_image("blue", 2, size=70).convert("P")]
+    prepared = [engine.prepare(image) for image in images]
+    assert all(one.dtype == torch.uint8 for one in prepared)
+    reference = torch.stack([eval_transform(engine.preprocessing)(image) for image in images])
+    assert torch.equal(engine.inputs(prepared), reference)
+    with torch.inference_mode():
+        expected = engine.net(reference)
+    embedded = engine.embed_images(images)
+    for index, one in enumerate(embedded):
+        np.testing.assert_array_equal(one.embedding, expected.embedding[index].numpy())
+        np.testing.assert_array_equal(one.weights, expected.weights[index].numpy())

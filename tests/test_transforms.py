@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from model.config import Preprocessing
-from model.transforms import eval_transform, to_rgb, train_transform
+from model.transforms import (
+    Normalise,
+    eval_crop,
+    eval_transform,
+    to_rgb,
+    to_uint8_tensor,
+    train_transform,
+)
 
 SMALL = Preprocessing(image_size=32, resize_size=40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
 
@@ -99,6 +106,36 @@ def test_transforms_accept_any_mode_end_to_end() -> None:
     for image in (Image.new("L", (50, 50), 9), Image.new("I;16", (50, 50), 3000)):
         assert eval_transform(SMALL)(image).shape == (3, 32, 32)
         assert train_transform(SMALL)(image).shape == (3, 32, 32)
+
+
+def _noise(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGBA").convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
+@pytest.mark.parametrize("size", [(90, 60), (20, 100), (32, 32), (17, 9)])
+def test_split_eval_transform_equals_the_whole_bit_for_bit(
+    mode: str, size: tuple[int, int]
+) -> None:
+    """Crop to uint8 here, normalise a batch later (as the service does): the same tensor."""
+    images = [_noise(mode, size, seed) for seed in range(3)]
+    crop, normalise = eval_crop(SMALL), Normalise(SMALL)
+    uint8 = [to_uint8_tensor(crop(image)) for image in images]
+    assert all(one.dtype == torch.uint8 and one.shape == (3, 32, 32) for one in uint8)
+    split = normalise(torch.stack(uint8))
+    whole = torch.stack([eval_transform(SMALL)(image) for image in images])
+    assert split.dtype == torch.float32
+    assert torch.equal(split, whole)
+
+
+def test_normalise_rejects_float_or_misshapen_batches() -> None:
+    normalise = Normalise(SMALL)
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(torch.zeros(3, 8, 8, dtype=torch.uint8))
 
 
 def test_to_rgb_rejects_non_images() -> None:

@@ -167,7 +167,7 @@ async def _upload_image(upload: UploadFile, state: ServiceState) -> DecodedImage
 
 def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
     """The backbone's ``(1, C, h, w)`` map of one image (no pooling)."""
-    tensor = state.engine.prepare(image)[None].to(state.engine.device)
+    tensor = state.engine.inputs([state.engine.prepare(image)])
     return state.engine.net.features(tensor)
 
 

@@ -1,7 +1,9 @@
 """The model side of the service: one network per device behind a micro-batcher.
 
-Images are turned into tensors on the request's thread (``prepare``); the batcher stacks them
-and runs one forward pass on its single worker thread (``embed_tensors``).
+Images are cropped to 8-bit tensors on the request's thread (``prepare``: Pillow and a copy,
+no tensor arithmetic, so request threads never start CPU kernel thread pools); the batcher
+stacks them, moves the uint8 batch to the device (a quarter of float32's bytes), normalises it
+there and runs one forward pass on its single worker thread (``embed_tensors``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image
 
 from app.service.batching import MicroBatcher
 from model.checkpoint import load_checkpoint
-from model.transforms import eval_transform
+from model.transforms import Normalise, eval_crop, to_uint8_tensor
 
 __all__ = ["Embedded", "InferenceEngine", "StartupError", "resolve_device"]
 
@@ -64,7 +66,8 @@ class InferenceEngine:
         self.fingerprint: str = loaded.fingerprint
         self.preprocessing = loaded.config.preprocessing
         self.embedding_dim: int = loaded.config.embedding_dim
-        self._transform = eval_transform(self.preprocessing)
+        self._crop = eval_crop(self.preprocessing)
+        self._normalise = Normalise(self.preprocessing, device)
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
         self.crop_fraction = min(
             1.0, self.preprocessing.image_size / self.preprocessing.resize_size
@@ -86,20 +89,28 @@ class InferenceEngine:
         """
         size = self.preprocessing.image_size
         for batch in (1, 2):
-            self.embed_tensors([torch.zeros(3, size, size)] * batch)
+            self.embed_tensors([torch.zeros(3, size, size, dtype=torch.uint8)] * batch)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
-        """The network input ``(3, S, S)`` for one RGB image (CPU tensor)."""
-        return self._transform(image)
+        """The cropped image as a ``(3, S, S)`` uint8 CPU tensor, ready for :meth:`inputs`."""
+        return to_uint8_tensor(self._crop(image))
+
+    def inputs(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The normalised ``(B, 3, S, S)`` network input on the device, from prepared tensors;
+        equal to :func:`~model.transforms.eval_transform`'s, as the indexer computed it."""
+        batch = torch.stack(list(tensors)).to(self.device, non_blocking=True)
+        return self._normalise(batch)
 
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:
         """One forward pass over a batch; runs on the batcher's worker thread."""
-        batch = torch.stack(list(tensors)).to(self.device, non_blocking=True)
-        output = self.net(batch)
-        embeddings = output.embedding.float().cpu().numpy()
-        weights = output.weights.float().cpu().numpy()
-        return [Embedded(embeddings[i], weights[i]) for i in range(len(tensors))]
+        output = self.net(self.inputs(tensors))
+        dim = output.embedding.shape[1]
+        # One device-to-host copy (and wait) for both results instead of two.
+        both = torch.cat([output.embedding.float(), output.weights.float().flatten(1)], dim=1)
+        host = both.cpu().numpy()
+        weights = host[:, dim:].reshape(output.weights.shape)
+        return [Embedded(host[i, :dim], weights[i]) for i in range(len(tensors))]
 
     def embed_images(self, images: Sequence[Image.Image]) -> list[Embedded]:
         """Synchronous embedding without the batcher (benchmarks, offline use)."""
