@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -50,6 +51,14 @@ def test_modes_become_rgb(mode: str, fmt: str, colour: object) -> None:
     assert decoded.image.mode == "RGB"
     assert decoded.image.size == (20, 10)
     assert decoded.format == fmt
+
+
+def test_upload_digest_is_of_the_bytes_and_only_computed_when_asked() -> None:
+    data = encode(Image.new("RGB", (20, 10), (1, 2, 3)), "PNG")
+    decoded = decode(data)
+    assert "sha256" not in vars(decoded)  # a search never pays for hashing the upload
+    assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+    assert "sha256" not in repr(decoded) and "data" not in repr(decoded)
 
 
 def test_transparent_pixels_are_white() -> None:

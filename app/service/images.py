@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from PIL import Image, UnidentifiedImageError
 
@@ -45,8 +46,14 @@ class ImageRejected(Exception):
 class DecodedImage:
     image: Image.Image  # 8-bit RGB, orientation applied
     format: str  # Pillow's format name, e.g. "JPEG"
-    sha256: str  # of the uploaded bytes
     frames: int
+    data: bytes = field(repr=False)  # the upload as received
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of the uploaded bytes; computed when first asked (gallery writes), since hashing a
+        multi-megabyte photo costs milliseconds that a search never needs."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 def treat_decompression_bombs_as_errors() -> None:
@@ -104,9 +111,7 @@ def decode_image(
             400, "bad_image", f"the image could not be decoded (truncated?): {error}"
         ) from None
     image_format = opened.format or "UNKNOWN"
-    return DecodedImage(
-        image=rgb, format=image_format, sha256=hashlib.sha256(data).hexdigest(), frames=frames
-    )
+    return DecodedImage(image=rgb, format=image_format, frames=frames, data=data)
 
 
 def thumbnail(image: Image.Image, size: int) -> Image.Image:
