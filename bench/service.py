@@ -122,12 +122,20 @@ def build_assets(
     return checkpoint, root / "gallery"
 
 
+@dataclass
+class InProcess:
+    """Medians (ms) of the pipeline in this process, without HTTP."""
+
+    references: dict[str, float]  # model + search, by calling thread
+    stages: dict[str, float]  # the server's stages, timed alone: decode, embed, search
+
+
 def in_process_ms(
     checkpoint: Path, gallery_dir: Path, device: str, query: bytes, repeats: int
-) -> tuple[dict[str, float], float]:
-    """Median time of model + search for the query in this process (no HTTP, no decode),
-    called from the main thread and from a worker thread (as the server does; the faster is
-    the reference), and of the upload's decode + prepare alone, to compare with the server's."""
+) -> InProcess:
+    """Model + search for the query in this process (no HTTP, no decode), called from the main
+    thread and from a worker thread (as the server does; the faster is the reference), and each
+    of the server's stages alone on the main thread, to set beside the server's own timings."""
     from app.service.images import decode_image
     from app.service.inference import InferenceEngine, resolve_device
     from index.gallery import Gallery
@@ -142,28 +150,49 @@ def in_process_ms(
         gallery.search(embedded.embedding[None, :], 10)
         return (time.perf_counter() - started) * 1000.0
 
-    def decode_only() -> float:
+    def timed(work) -> float:
         started = time.perf_counter()
+        work()
+        return (time.perf_counter() - started) * 1000.0
+
+    def decode() -> None:
         decoded = decode_image(
             query, content_type="image/png", max_bytes=1 << 30, max_pixels=1 << 30
         )
         engine.prepare(decoded.image)
-        return (time.perf_counter() - started) * 1000.0
 
-    # Alternate the two callers so that warm-up and clock changes favour neither.
+    prepared = engine.prepare(image)
+    embedding = engine.embed_tensors([prepared])[0].embedding[None, :]
+
+    def search() -> None:  # what the server's search stage does: search, then fetch records
+        found = gallery.search(embedding, 10)[0]
+        gallery.get_many([match.id for match in found])
+
+    stage_work = {
+        "decode": decode,
+        "embed": lambda: engine.embed_tensors([prepared]),
+        "search": search,
+    }
+    # Alternate the callers and stages so that warm-up and clock changes favour none.
     main_thread, threaded = [], []
+    stage_times: dict[str, list[float]] = {name: [] for name in stage_work}
     with ThreadPoolExecutor(max_workers=1) as worker:
         for index in range(repeats + 10):
             pair = (once(), worker.submit(once).result())
+            stage_pass = {name: timed(work) for name, work in stage_work.items()}
             if index >= 10:
                 main_thread.append(pair[0])
                 threaded.append(pair[1])
+                for name, ms in stage_pass.items():
+                    stage_times[name].append(ms)
     gallery.close()
-    references = {
-        "main thread": statistics.median(main_thread),
-        "worker thread": statistics.median(threaded),
-    }
-    return references, statistics.median(decode_only() for _ in range(repeats))
+    return InProcess(
+        references={
+            "main thread": statistics.median(main_thread),
+            "worker thread": statistics.median(threaded),
+        },
+        stages={name: statistics.median(times) for name, times in stage_times.items()},
+    )
 
 
 def free_port() -> int:
@@ -353,7 +382,7 @@ def main() -> int:
                 )
             finally:
                 stop_server(process)
-        references, decode_ms = in_process_ms(checkpoint, gallery, args.device, query, repeats=30)
+        local = in_process_ms(checkpoint, gallery, args.device, query, repeats=30)
 
     device = (
         torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
@@ -365,10 +394,9 @@ def main() -> int:
     model = "given checkpoint" if args.checkpoint else f"{args.backbone} GSP (random weights)"
     print(f"model: {model}, input {args.image_size}px; query {args.image_size + 32}px PNG;")
     print("search: k=10, heatmaps off")
-    for where, ms in references.items():
+    for where, ms in local.references.items():
         print(f"in-process model+search, {where}: {ms:.2f} ms (median)")
-    print(f"in-process decode+prepare of the upload alone: {decode_ms:.2f} ms (median)")
-    reference = min(references.values())
+    reference = min(local.references.values())
     header = ("batching", "conc", "reqs", "err", "p50 ms", "p95 ms", "p99 ms", "req/s")
     print("{:>8} {:>4} {:>5} {:>3} {:>8} {:>8} {:>8} {:>8}".format(*header))
     for mode, levels_result in results.items():
@@ -380,10 +408,11 @@ def main() -> int:
             )
     one = next(r for r in results["on"] if r.concurrency == 1) if 1 in levels else None
     if one is not None:
-        stages = ", ".join(
-            f"{stage} {one.server_median(stage):.2f}" for stage in sorted(one.server_ms)
-        )
-        print(f"c=1 server-side medians (ms): {stages}")
+        print("c=1 stage medians (ms): server (batching on) / the same work in process")
+        for stage, alone in local.stages.items():
+            print(f"  {stage:>6}: {one.server_median(f'{stage}_ms'):7.2f} / {alone:7.2f}")
+        total, p50 = one.server_median("total_ms"), one.percentile(50)
+        print(f"  server total {total:.2f}; client p50 {p50:.2f} (HTTP + client {p50 - total:.2f})")
     top = max(levels)
     on_top = next(r for r in results["on"] if r.concurrency == top)
     off_top = next(r for r in results["off"] if r.concurrency == top)
