@@ -108,25 +108,30 @@ def eval_crop(preprocessing: Preprocessing) -> Callable[[Image.Image], Image.Ima
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a ``(3, H, W)`` uint8 tensor: no arithmetic, so no CPU kernels."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    """An RGB image as an ``(H, W, 3)`` uint8 tensor in its own layout: one copy of the
+    pixels and no tensor kernel, so a request thread never starts a CPU kernel thread pool."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 class Normalise:
-    """The numeric half of :func:`eval_transform` on a ``(B, 3, H, W)`` uint8 batch, on its
-    device, with torchvision's operations in torchvision's order (divide by 255, subtract the
-    mean, divide by the deviation), so the result equals ``eval_transform``'s bit for bit."""
+    """The numeric half of :func:`eval_transform`, for a ``(B, H, W, 3)`` uint8 batch on any
+    device: the ``(B, 3, H, W)`` float32 input, computed with torchvision's operations in
+    torchvision's order (divide by 255, subtract the mean, divide by the deviation), so it
+    equals ``eval_transform``'s bit for bit."""
 
     def __init__(self, preprocessing: Preprocessing, device: torch.device | str = "cpu") -> None:
         self._mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
+        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[3] != 3:
             raise ValueError(
-                f"expected a (B, 3, H, W) uint8 batch, got {tuple(batch.shape)} {batch.dtype}"
+                f"expected a (B, H, W, 3) uint8 batch, got {tuple(batch.shape)} {batch.dtype}"
             )
-        return batch.to(torch.float32).div(255).sub_(self._mean).div_(self._std)
+        channels_first = batch.permute(0, 3, 1, 2)
+        # One kernel converts and transposes into the contiguous layout the indexer's had.
+        inputs = torch.empty(channels_first.shape, dtype=torch.float32, device=batch.device)
+        return inputs.copy_(channels_first).div_(255).sub_(self._mean).div_(self._std)
 
 
 def eval_transform(preprocessing: Preprocessing) -> Transform:

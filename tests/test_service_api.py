@@ -485,7 +485,7 @@ def test_warm_up_embeds_a_single_image_and_a_batch(
     monkeypatch.setattr(engine, "embed_tensors", recording)
     engine.warm_up()
     size = engine.preprocessing.image_size
-    assert seen == [[(3, size, size)], [(3, size, size)] * 2]
+    assert seen == [[(size, size, 3)], [(size, size, 3)] * 2]
 
 
 def test_engine_embeds_exactly_as_the_indexer_transform(service_assets: ServiceAssets) -> None:
@@ -500,9 +500,31 @@ def test_engine_embeds_exactly_as_the_indexer_transform(service_assets: ServiceA
     assert all(one.dtype == torch.uint8 for one in prepared)
     reference = torch.stack([eval_transform(engine.preprocessing)(image) for image in images])
     assert torch.equal(engine.inputs(prepared), reference)
+    assert torch.equal(engine.inputs(prepared[:1]), reference[:1])  # unstacked path
     with torch.inference_mode():
         expected = engine.net(reference)
     embedded = engine.embed_images(images)
     for index, one in enumerate(embedded):
         np.testing.assert_array_equal(one.embedding, expected.embedding[index].numpy())
         np.testing.assert_array_equal(one.weights, expected.weights[index].numpy())
+
+
+@pytest.mark.gpu
+def test_cuda_engine_normalises_on_the_device_as_the_indexer_does(
+    service_assets: ServiceAssets,
+) -> None:
+    from model.transforms import eval_transform
+
+    engine = InferenceEngine(
+        service_assets.checkpoint, torch.device("cuda"), max_batch_size=4, max_wait_ms=1
+    )
+    images = [drawn_image("red", 0, size=120), drawn_image("blue", 2, size=70)]
+    prepared = [engine.prepare(image) for image in images]
+    reference = torch.stack([eval_transform(engine.preprocessing)(image) for image in images])
+    inputs = engine.inputs(prepared)
+    assert inputs.device.type == "cuda" and inputs.is_contiguous()
+    torch.testing.assert_close(inputs.cpu(), reference, rtol=0, atol=1e-6)
+    embedded = engine.embed_images(images[:1])[0]
+    with torch.inference_mode():
+        expected = engine.net(reference[:1].cuda()).embedding[0].cpu().numpy()
+    np.testing.assert_allclose(embedded.embedding, expected, atol=1e-5)

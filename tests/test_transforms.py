@@ -123,19 +123,21 @@ def test_split_eval_transform_equals_the_whole_bit_for_bit(
     images = [_noise(mode, size, seed) for seed in range(3)]
     crop, normalise = eval_crop(SMALL), Normalise(SMALL)
     uint8 = [to_uint8_tensor(crop(image)) for image in images]
-    assert all(one.dtype == torch.uint8 and one.shape == (3, 32, 32) for one in uint8)
+    assert all(one.dtype == torch.uint8 and one.shape == (32, 32, 3) for one in uint8)
     split = normalise(torch.stack(uint8))
     whole = torch.stack([eval_transform(SMALL)(image) for image in images])
-    assert split.dtype == torch.float32
+    assert split.dtype == torch.float32 and split.is_contiguous()
     assert torch.equal(split, whole)
 
 
 def test_normalise_rejects_float_or_misshapen_batches() -> None:
     normalise = Normalise(SMALL)
     with pytest.raises(ValueError, match="uint8"):
-        normalise(torch.zeros(1, 3, 8, 8))
+        normalise(torch.zeros(1, 8, 8, 3))
     with pytest.raises(ValueError, match="uint8"):
-        normalise(torch.zeros(3, 8, 8, dtype=torch.uint8))
+        normalise(torch.zeros(8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))  # channels first
 
 
 def test_to_rgb_rejects_non_images() -> None:

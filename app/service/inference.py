@@ -89,17 +89,18 @@ class InferenceEngine:
         """
         size = self.preprocessing.image_size
         for batch in (1, 2):
-            self.embed_tensors([torch.zeros(3, size, size, dtype=torch.uint8)] * batch)
+            self.embed_tensors([torch.zeros(size, size, 3, dtype=torch.uint8)] * batch)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
-        """The cropped image as a ``(3, S, S)`` uint8 CPU tensor, ready for :meth:`inputs`."""
+        """The cropped image as an ``(S, S, 3)`` uint8 CPU tensor, ready for :meth:`inputs`."""
         return to_uint8_tensor(self._crop(image))
 
     def inputs(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The normalised ``(B, 3, S, S)`` network input on the device, from prepared tensors;
         equal to :func:`~model.transforms.eval_transform`'s, as the indexer computed it."""
-        batch = torch.stack(list(tensors)).to(self.device, non_blocking=True)
-        return self._normalise(batch)
+        # A lone image needs no stacking copy: its pixels go to the device as they are.
+        batch = tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
+        return self._normalise(batch.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:
