@@ -25,8 +25,8 @@ timeout 130 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 | grep -v
     | tee "$OUT/gsp_layer.txt"
 echo "== gpu tests"
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore tests/test_transport.py \
-    tests/test_gsp.py tests/test_net.py tests/test_gallery.py 2>&1 | tail -15 \
-    | tee "$OUT/gpu_tests.txt"
+    tests/test_gsp.py tests/test_net.py tests/test_gallery.py tests/test_service_api.py \
+    2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 echo "== service"
 timeout 150 python3 bench/service.py --device cuda --requests 320 --max-seconds 10 2>&1 \
     | grep -v "building gallery" | tee "$OUT/service.txt"
