@@ -9,7 +9,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageDecodeError", "decode_image", "find_images"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "decode_image",
+    "draft_at_least",
+    "find_images",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format names accepted whatever the extension says (MPO is a multi-picture JPEG).
@@ -32,6 +38,14 @@ def find_images(root: str | os.PathLike[str]) -> Iterator[Path]:
                 yield Path(directory) / name
 
 
+def draft_at_least(image: Image.Image, min_side: int) -> None:
+    """Before loading: let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) whose sides
+    stay at least ``min_side``. Several times faster for photos, and, called wherever a file is
+    decoded for the network (indexer, command line, service), the same pixels everywhere."""
+    if image.format in ("JPEG", "MPO"):
+        image.draft("RGB", (min_side, min_side))
+
+
 def decode_image(data: bytes, min_side: int) -> Image.Image:
     """Decode ``data`` (first frame of an animation), JPEGs at a reduced scale when they are much
     larger than ``min_side`` (PIL ``draft``: DCT scaling, several times faster, no quality loss
@@ -42,8 +56,7 @@ def decode_image(data: bytes, min_side: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         if image.format not in _FORMATS:
             raise ImageDecodeError(f"unsupported image format {image.format}")
-        if image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (min_side, min_side))
+        draft_at_least(image, min_side)
         image.seek(0)
         image.load()
     except UnidentifiedImageError as error:

@@ -97,6 +97,26 @@ def test_search_returns_ranked_matches_with_heatmaps(client: TestClient) -> None
     assert 0 < body["crop_fraction"] <= 1
 
 
+def test_search_with_a_large_jpeg_sees_what_the_indexer_would(client: TestClient) -> None:
+    """Uploads decode as `gsp index` decodes files (reduced-scale JPEG), so a photo queried
+    over HTTP gets the embedding its indexed copy has; the reported size is the upload's."""
+    from index.images import decode_image as indexer_decode
+    from model.transforms import eval_transform
+
+    # The grid comes rounded to 4 decimals: atol 6e-5. A full-scale decode misses by 4e-4.
+    photo = drawn_image("blue", 1).resize((1440, 1200), Image.Resampling.BICUBIC)
+    data = encode(photo, "JPEG", quality=92)
+    response = search(client, data, "image/jpeg", k=1)
+    assert response.status_code == 200, response.text
+    query = response.json()["query"]
+    assert (query["width"], query["height"]) == (1440, 1200)
+    engine = client.app.state.service.engine
+    indexed = indexer_decode(data, engine.preprocessing.resize_size)
+    with torch.inference_mode():
+        weights = engine.net(eval_transform(engine.preprocessing)(indexed)[None]).weights[0]
+    np.testing.assert_allclose(np.array(query["heatmap"]["grid"]), weights.numpy(), atol=6e-5)
+
+
 def test_search_label_filter_and_no_heatmaps(client: TestClient) -> None:
     response = search(client, png_bytes(drawn_image("red", 0)), k=20, label="green", heatmaps=False)
     body = response.json()

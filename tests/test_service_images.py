@@ -61,6 +61,36 @@ def test_upload_digest_is_of_the_bytes_and_only_computed_when_asked() -> None:
     assert "sha256" not in repr(decoded) and "data" not in repr(decoded)
 
 
+def _photo(width: int, height: int) -> Image.Image:
+    """Smooth random colour, like a photo: JPEG's DCT scaling matters for it."""
+    rng = np.random.default_rng(7)
+    small = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_large_jpeg_decodes_reduced_with_the_indexers_pixels_and_its_true_size() -> None:
+    from index.images import decode_image as indexer_decode
+
+    data = encode(_photo(1600, 1200), "JPEG", quality=90)
+    decoded = decode(data, "image/jpeg", min_side=256)
+    assert decoded.size == (1600, 1200)
+    assert decoded.image.size == (400, 300)  # 1/4 scale: the smallest keeping 256 on both sides
+    indexed = indexer_decode(data, 256).convert("RGB")
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(indexed))
+    assert decode(data, "image/jpeg").image.size == (1600, 1200)  # no min_side: full size
+    png = decode(encode(_photo(1600, 1200), "PNG"), min_side=256)
+    assert png.image.size == png.size == (1600, 1200)  # only JPEG has a reduced decode
+
+
+def test_size_is_upright_for_exif_rotated_uploads() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    data = encode(_photo(1600, 1200), "JPEG", exif=exif.tobytes())
+    decoded = decode(data, "image/jpeg", min_side=256)
+    assert decoded.size == (1200, 1600)
+    assert decoded.image.size == (300, 400)
+
+
 def test_transparent_pixels_are_white() -> None:
     decoded = decode(encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG"))
     assert decoded.image.getpixel((1, 1)) == (255, 255, 255)

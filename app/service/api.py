@@ -130,13 +130,17 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-def decode_upload(data: bytes, content_type: str | None, settings: Settings) -> DecodedImage:
-    """Decode an upload under the service's size and pixel limits."""
+def decode_upload(
+    data: bytes, content_type: str | None, settings: Settings, min_side: int
+) -> DecodedImage:
+    """Decode an upload under the service's size and pixel limits; JPEGs at the smallest scale
+    that keeps ``min_side`` (the network's resize size), as the indexer decodes them."""
     return decode_image(
         data,
         content_type=content_type,
         max_bytes=settings.max_upload_bytes,
         max_pixels=settings.max_pixels,
+        min_side=min_side,
     )
 
 
@@ -208,7 +212,7 @@ async def upload_search_response(
         heatmap = await run_in_threadpool(
             lambda: inline_heatmap(network_square(state, decoded.image), weights)
         )
-    width, height = decoded.image.size
+    width, height = decoded.size
     decode_ms, embed_ms, search_ms = stage_ms
     return SearchResponse(
         model_fingerprint=state.engine.fingerprint,
@@ -271,7 +275,7 @@ def build_router(settings: Settings) -> APIRouter:
         data = await read_upload(image, settings)
 
         def decode_and_prepare() -> tuple[DecodedImage, Any]:
-            decoded = decode_upload(data, image.content_type, settings)
+            decoded = decode_upload(data, image.content_type, settings, state.engine.min_side)
             return decoded, state.engine.prepare(decoded.image)
 
         decoded, tensor = await run_in_threadpool(decode_and_prepare)
@@ -477,7 +481,7 @@ def build_router(settings: Settings) -> APIRouter:
             decoded = []
             for index, (upload, data) in enumerate(zip(images, blobs, strict=True)):
                 try:
-                    one = decode_upload(data, upload.content_type, settings)
+                    one = decode_upload(data, upload.content_type, settings, state.engine.min_side)
                 except ImageRejected as error:
                     raise ImageRejected(
                         error.status, error.code, f"image {index}: {error.message}"

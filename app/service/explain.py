@@ -150,6 +150,7 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
             content_type=None,
             max_bytes=max(len(data), 1),
             max_pixels=state.settings.max_pixels,
+            min_side=state.engine.min_side,
         )
 
     try:
@@ -162,7 +163,9 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
 
 async def _upload_image(upload: UploadFile, state: ServiceState) -> DecodedImage:
     data = await read_upload(upload, state.settings)
-    return await run_in_threadpool(decode_upload, data, upload.content_type, state.settings)
+    return await run_in_threadpool(
+        decode_upload, data, upload.content_type, state.settings, state.engine.min_side
+    )
 
 
 def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
@@ -180,7 +183,7 @@ def _heatmap(square: Image.Image | None, grid: torch.Tensor | np.ndarray) -> Hea
 def _described(
     request: Request, record: Any, decoded: DecodedImage, heatmap: Heatmap
 ) -> ExplainedImage:
-    width, height = decoded.image.size
+    width, height = decoded.size
     if record is None:
         return ExplainedImage(id=None, width=width, height=height, heatmap=heatmap)
     return ExplainedImage(
@@ -371,7 +374,7 @@ async def search_regions(
     }
     for name, mask in masks.items():
         if mask is not None:
-            _check_aspect(mask, decoded.image.size, name)
+            _check_aspect(mask, decoded.size, name)
     decode_ms = record_stage(request, "decode", started)
 
     def embed() -> Any:
@@ -384,7 +387,7 @@ async def search_regions(
             coverage = torch.zeros(size)
             if rectangles:
                 coverage = rectangles_to_mask(
-                    rectangles, decoded.image.size, size, preprocessing, spec.units == "pixels"
+                    rectangles, decoded.size, size, preprocessing, spec.units == "pixels"
                 )
             mask = masks[f"{kind}_mask"]
             if mask is not None:

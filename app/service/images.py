@@ -4,9 +4,11 @@ Policy (documented in the API): zero-byte, non-image, truncated and undecodable 
 400; a declared content type that is not an image is 415; more bytes than ``max_upload_bytes``
 or more pixels than ``max_pixels`` (checked from the header, before decoding) is 413. Pillow's
 decompression-bomb warning is an error too. Multi-frame images (GIF, APNG, TIFF, WebP) use
-their first frame. EXIF orientation is applied. Every mode becomes 8-bit RGB: alpha is
-composited on white, 16-bit and float greyscale are rescaled, CMYK and palettes are converted
-(:func:`model.transforms.to_rgb`, the same conversion the indexer used).
+their first frame. EXIF orientation is applied. A large JPEG decodes at a reduced scale when
+the caller gives the smallest side it needs, exactly as the indexer decodes gallery files.
+Every mode becomes 8-bit RGB: alpha is composited on white, 16-bit and float greyscale are
+rescaled, CMYK and palettes are converted (:func:`model.transforms.to_rgb`, the same
+conversion the indexer used).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from index.images import draft_at_least
 from model.transforms import to_rgb
 
 __all__ = [
@@ -30,6 +33,8 @@ __all__ = [
 ]
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
+# EXIF orientations that turn the stored image by 90 degrees (transpose, rotations, transverse).
+_SWAPS_SIDES = {5, 6, 7, 8}
 
 
 class ImageRejected(Exception):
@@ -44,9 +49,10 @@ class ImageRejected(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # 8-bit RGB, orientation applied
+    image: Image.Image  # 8-bit RGB, orientation applied; a large JPEG at a reduced scale
     format: str  # Pillow's format name, e.g. "JPEG"
     frames: int
+    size: tuple[int, int]  # (width, height) of the upload itself, upright
     data: bytes = field(repr=False)  # the upload as received
 
     @cached_property
@@ -74,9 +80,18 @@ def check_content_type(content_type: str | None) -> None:
 
 
 def decode_image(
-    data: bytes, *, content_type: str | None, max_bytes: int, max_pixels: int
+    data: bytes,
+    *,
+    content_type: str | None,
+    max_bytes: int,
+    max_pixels: int,
+    min_side: int | None = None,
 ) -> DecodedImage:
-    """Validate and decode one upload; raises :class:`ImageRejected` with the reason."""
+    """Validate and decode one upload; raises :class:`ImageRejected` with the reason.
+
+    With ``min_side`` a JPEG decodes at the smallest scale that keeps both sides at least that
+    long (:func:`index.images.draft_at_least`), as the indexer decodes gallery files.
+    """
     check_content_type(content_type)
     if not data:
         raise ImageRejected(400, "empty_upload", "the uploaded file is empty (zero bytes)")
@@ -100,6 +115,10 @@ def decode_image(
             f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
         )
     try:
+        if (opened.getexif().get(ExifTags.Base.Orientation) or 1) in _SWAPS_SIDES:
+            width, height = height, width
+        if min_side is not None:
+            draft_at_least(opened, min_side)
         frames = int(getattr(opened, "n_frames", 1) or 1)
         opened.seek(0)
         opened.load()
@@ -111,7 +130,9 @@ def decode_image(
             400, "bad_image", f"the image could not be decoded (truncated?): {error}"
         ) from None
     image_format = opened.format or "UNKNOWN"
-    return DecodedImage(image=rgb, format=image_format, frames=frames, data=data)
+    return DecodedImage(
+        image=rgb, format=image_format, frames=frames, size=(width, height), data=data
+    )
 
 
 def thumbnail(image: Image.Image, size: int) -> Image.Image:

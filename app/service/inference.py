@@ -66,6 +66,8 @@ class InferenceEngine:
         self.fingerprint: str = loaded.fingerprint
         self.preprocessing = loaded.config.preprocessing
         self.embedding_dim: int = loaded.config.embedding_dim
+        # Decoders may reduce large JPEGs down to this side, no further (the indexer's rule).
+        self.min_side: int = self.preprocessing.resize_size
         self._crop = eval_crop(self.preprocessing)
         self._normalise = Normalise(self.preprocessing, device)
         # The network sees a centred square crop; heatmaps must be drawn over that square only.

@@ -28,7 +28,9 @@ _GRID_DECIMALS = 4
 @lru_cache(maxsize=1024)
 def _thumbnail_jpeg(path: str, mtime_ns: int, size: int, max_pixels: int) -> bytes:
     data = Path(path).read_bytes()
-    decoded = decode_image(data, content_type=None, max_bytes=len(data) or 1, max_pixels=max_pixels)
+    decoded = decode_image(
+        data, content_type=None, max_bytes=len(data) or 1, max_pixels=max_pixels, min_side=size
+    )
     buffer = io.BytesIO()
     thumbnail(decoded.image, size).save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()

@@ -54,8 +54,10 @@ class Match(BaseModel):
 
 
 class QueryInfo(BaseModel):
-    width: int
-    height: int
+    width: int = Field(description="the upload's width in pixels, upright; for an item, the grid's")
+    height: int = Field(
+        description="the upload's height in pixels, upright; for an item, the grid's"
+    )
     format: str | None = Field(description="decoded format, or null for a stored item")
     frames: int = Field(description="frames in the upload; only the first is used")
     id: int | None = Field(default=None, description="the gallery item used as the query")
