@@ -16,7 +16,7 @@ from torch import Tensor
 
 from model.checks import DeferredChecks, all_finite
 from model.compiling import fused
-from model.transport import _backward, _begin, _Begun, _finish, _settle, _solver_for
+from model.solver import Begun, begin, finish, implicit_backward, settle, solver_for
 
 __all__ = ["cosine_costs", "gsp_pool", "pooled_outputs"]
 
@@ -63,7 +63,7 @@ def _pool_at(
     ratio: Tensor,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """``z = u + l`` and the pooled outputs for a solved offset ``u``."""
-    z, taken, _ = _finish(u, log_mass, saturated, assignment.dtype)
+    z, taken, _ = finish(u, log_mass, saturated, assignment.dtype)
     return (z, *pooled_outputs(assignment, taken, projected, ratio.to(taken.dtype)[:, None]))
 
 
@@ -77,7 +77,7 @@ def _forward_block(
     # The solve runs in at least float32, whatever autocast made of the costs.
     work_dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=projected.device.type, enabled=False):
-        begun = _begin(cost.to(work_dtype), ratio, entropy_weight, steps)
+        begun = begin(cost.to(work_dtype), ratio, entropy_weight, steps)
     assignment, log_mass, u, *_, saturated = begun[:8]
     pooled = _pool_at(u, log_mass, saturated, assignment, projected, ratio)
     return all_finite(projected), begun, pooled
@@ -90,14 +90,14 @@ def _backward_block(
     """Gradients w.r.t. projected features, prototypes, unary cost and ratio.
 
     Pooling and costs are differentiated by recomputing them (cheap); the transport in between
-    by the implicit function theorem (:func:`model.transport._backward`).
+    by the implicit function theorem (:func:`model.solver.implicit_backward`).
     """
     taken = torch.sigmoid(z).to(assignment.dtype)
     ratio_column = ratio.to(taken.dtype)[:, None]
     _, pull = torch.func.vjp(pooled_outputs, assignment, taken, projected, ratio_column)
     grad_assignment, grad_taken, grad_projected, grad_ratio = pull(grads)
     with torch.autocast(device_type=projected.device.type, enabled=False):
-        grad_cost, grad_mu = _backward(
+        grad_cost, grad_mu = implicit_backward(
             assignment, z, grad_assignment, grad_taken, None, entropy_weight
         )
     cost, pull = torch.func.vjp(_costs, projected, prototypes, *unary)
@@ -112,15 +112,15 @@ class _GSPPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, prototypes, unary, ratio, entropy_weight):  # see gsp_pool
         device = projected.device
-        solver = _solver_for(device)
+        solver = solver_for(device)
         extra = () if unary is None else (unary,)
         finite, begun, outputs = fused(_forward_block, device)(
             projected, prototypes, extra, ratio, entropy_weight, solver.steps_per_check
         )
-        begun = _Begun(*begun)
+        begun = Begun(*begun)
         # All input checks are read with the solver's first convergence flag: one host sync.
         checks = DeferredChecks().require(finite, _NOT_FINITE)
-        u, steps = _settle(solver, begun, ratio, checks)
+        u, steps = settle(solver, begun, ratio, checks)
         if steps > solver.steps_per_check:  # the first block had not converged everywhere
             outputs = fused(_pool_at, device)(
                 u, begun.log_mass, begun.saturated, begun.assignment, projected, ratio

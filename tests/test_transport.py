@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model.compiling as compiling
+import model.solver as solver
 import model.transport as transport
 from model.checks import DeferredChecks
 from model.transport import partial_transport
@@ -167,8 +168,8 @@ def test_newton_in_blocks_between_checks_is_still_exact(monkeypatch) -> None:
     cost = adversarial_costs(16, 49)
     ratios = torch.cat([RATIOS, RATIOS[[0, 2, 4, 3]]])
     stepwise = solve_with_gradients(cost, ratios, 5.0)
-    monkeypatch.setattr(transport, "_solver_for", lambda device: blocks)
-    blocks = transport._EAGER._replace(steps_per_check=8)
+    monkeypatch.setattr(transport, "solver_for", lambda device: blocks)
+    blocks = solver.EAGER._replace(steps_per_check=8)
     for ours, reference in zip(solve_with_gradients(cost, ratios, 5.0), stepwise, strict=True):
         assert (ours - reference).abs().max() < 1e-13
     for bad_cost, ratio, message in [
