@@ -11,7 +11,8 @@
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
 #     opentelemetry-api importlib-metadata zipp
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, omp; default: the first four, about 9 minutes with compilation).
+# tests, service, profile, omp; default: the first four).  With compilation the four take up to
+# 10 minutes, more than one device call may run: call `layer tests`, then `service profile omp`.
 # Results go to $OUT.  `omp` reruns the service benchmark at c=1 and 32 with one OpenMP thread,
 # to test whether CPU kernel thread pools are behind the GPU box's unexplained c=1 overhead.
 export PYTHONUNBUFFERED=1
@@ -32,7 +33,7 @@ for section in $sections; do
             | grep -v -E "$quiet" | tee "$OUT/gsp_layer.txt" ;;
     tests)
         echo "== gpu tests"
-        timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore \
+        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore \
             tests/test_transport.py tests/test_gsp.py tests/test_net.py tests/test_gallery.py \
             tests/test_service_api.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
     service)
