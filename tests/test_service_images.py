@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app.service.images import ImageRejected, decode_image
 
@@ -82,13 +82,16 @@ def test_large_jpeg_decodes_reduced_with_the_indexers_pixels_and_its_true_size()
     assert png.image.size == png.size == (1600, 1200)  # only JPEG has a reduced decode
 
 
-def test_size_is_upright_for_exif_rotated_uploads() -> None:
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_size_is_upright_for_every_exif_orientation(orientation: int) -> None:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees to display
+    exif[0x0112] = orientation
     data = encode(_photo(1600, 1200), "JPEG", exif=exif.tobytes())
     decoded = decode(data, "image/jpeg", min_side=256)
-    assert decoded.size == (1200, 1600)
-    assert decoded.image.size == (300, 400)
+    with Image.open(io.BytesIO(data)) as full:
+        upright = ImageOps.exif_transpose(full).size
+    assert decoded.size == upright
+    assert decoded.image.size == (upright[0] // 4, upright[1] // 4)
 
 
 def test_transparent_pixels_are_white() -> None:
