@@ -92,7 +92,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-def check_api_key(
+async def check_api_key(
     state: State, key: Annotated[str | None, Depends(_api_key_header)] = None
 ) -> None:
     """Write routes need one of the configured keys; with none configured they are closed."""
@@ -105,7 +105,7 @@ def check_api_key(
         raise ApiError(403, "bad_api_key", "the API key is not valid")
 
 
-def check_writable(state: State) -> None:
+async def check_writable(state: State) -> None:
     """Gallery writes need a gallery opened for writing."""
     if state.store.read_only:
         raise ApiError(409, "read_only", "the gallery is served read-only (gallery_read_only)")

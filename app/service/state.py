@@ -22,6 +22,10 @@ class ServiceState:
     metrics: ServiceMetrics
 
 
-def service_state(request: Request) -> ServiceState:
-    """FastAPI dependency: the application's :class:`ServiceState`."""
+async def service_state(request: Request) -> ServiceState:
+    """FastAPI dependency: the application's :class:`ServiceState`.
+
+    ``async`` because FastAPI runs a plain ``def`` dependency on its thread pool: a thread
+    hand-off per request for an attribute lookup.
+    """
     return request.app.state.service
