@@ -548,3 +548,25 @@ def test_cuda_engine_normalises_on_the_device_as_the_indexer_does(
     with torch.inference_mode():
         expected = engine.net(reference[:1].cuda()).embedding[0].cpu().numpy()
     np.testing.assert_allclose(embedded.embedding, expected, atol=1e-5)
+
+
+def test_dependencies_run_on_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI hands a plain-``def`` dependency to its thread pool, one thread hand-off per
+    request; the service's dependencies are ``async`` so that no request pays for that."""
+    import fastapi.dependencies.utils as dependency_utils
+
+    handed_off: list[str] = []
+    real = dependency_utils.run_in_threadpool
+
+    async def counting(function, *args, **kwargs):
+        handed_off.append(getattr(function, "__name__", repr(function)))
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(dependency_utils, "run_in_threadpool", counting)
+    assert search(client, png_bytes(drawn_image("red", 0)), k=2).status_code == 200
+    assert client.post("/v1/search/by-id/1?k=2").status_code == 200
+    denied = client.delete("/v1/gallery/999999", headers={"X-API-Key": "wrong"})
+    assert denied.status_code == 403
+    assert handed_off == []
