@@ -11,7 +11,7 @@
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
 #     opentelemetry-api importlib-metadata zipp
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, omp; default: the first four).  With compilation the four take up to
+# tests, service, profile, step, omp; default: the first four).  With compilation the four take up to
 # 10 minutes, more than one device call may run: call `layer tests`, then `service profile omp`.
 # Results go to $OUT.  `omp` reruns the service benchmark at c=1 and 32 with one OpenMP thread,
 # to test whether CPU kernel thread pools are behind the GPU box's unexplained c=1 overhead.
@@ -44,6 +44,10 @@ for section in $sections; do
         echo "== profile"
         timeout 30 python3 bench/gsp_layer.py --device cuda --profile 2>&1 \
             | grep -v -E "$quiet" | tee "$OUT/profile.txt" ;;
+    step)
+        echo "== profile of the ResNet-50 training step"
+        timeout 150 python3 bench/gsp_layer.py --device cuda --profile-step 2>&1 \
+            | grep -v -E "$quiet" | tee "$OUT/profile_step.txt" ;;
     omp)
         echo "== service, one OpenMP thread"
         OMP_NUM_THREADS=1 timeout 150 python3 bench/service.py --device cuda --levels 1,32 \

@@ -153,8 +153,9 @@ def solver_against_fixed_point(device: torch.device, repeats: int) -> None:
         print(f"   mu={ratio:<5}: exact {err_ours:.2e}   fixed point {err_ref:.2e}")
 
 
-def training_step(device: torch.device, repeats: int) -> None:
-    print("\n3. ResNet-50 training step at 224 px, batch 8: GSP against GAP")
+def resnet_steps(device: torch.device) -> dict[str, Callable[[], None]]:
+    """One training step (forward, backward, AdamW) of a ResNet-50 at 224 px, batch 8, with a
+    GSP head and with a GAP head."""
 
     def make(pooling: str):
         backbone = torch.nn.Sequential(*list(torchvision.models.resnet50().children())[:-2])
@@ -180,11 +181,46 @@ def training_step(device: torch.device, repeats: int) -> None:
             optimizer.step()
 
         steps[pooling] = step
-    t = interleaved(steps, device, max(2, repeats // 4))
+    return steps
+
+
+def training_step(device: torch.device, repeats: int) -> None:
+    print("\n3. ResNet-50 training step at 224 px, batch 8: GSP against GAP")
+    t = interleaved(resnet_steps(device), device, max(2, repeats // 4))
     print(
         f"   GSP {t['gsp']:.1f} ms, GAP {t['gap']:.1f} ms, ratio {t['gsp'] / t['gap']:.3f}x "
         "(target <= 1.05x)"
     )
+
+
+def profile_training_step(device: torch.device, steps: int = 5) -> None:
+    """Where the GSP head's extra time in a training step goes (``--profile-step``): per head,
+    the step's wall time, the device's kernel time and the host's time blocked in
+    synchronisations (both heads' figures include the one wait that ends each profile), then
+    GSP's operators by host time."""
+    print(f"\nProfile: ResNet-50 training step, 224 px, batch 8, {steps} steps per head")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    tables = {}
+    for name, step in resnet_steps(device).items():
+        wall = timed(step, device, 3)
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        events = profile.key_averages()
+        kernels_us = sum(event.self_device_time_total for event in events)
+        blocked_us = sum(
+            event.self_cpu_time_total for event in events if "Synchronize" in event.key
+        )
+        print(
+            f"   {name}: {wall:.1f} ms per step; device kernels {kernels_us / steps / 1e3:.1f} "
+            f"ms; host blocked in synchronisations {blocked_us / steps / 1e3:.1f} ms"
+        )
+        tables[name] = events
+    print(tables["gsp"].table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -245,11 +281,19 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="only print an operator profile of the layer"
     )
+    parser.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="only profile the ResNet-50 training step with each head",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"machine: {machine(device)}")
     if args.profile:
         profile_layer(device)
+        return
+    if args.profile_step:
+        profile_training_step(device)
         return
     layer_against_cost_matrix(device, args.repeats)
     solver_against_fixed_point(device, args.repeats)
