@@ -97,6 +97,14 @@ def solve_share(layer: GeneralizedSumPooling, features, device, repeats: int) ->
     print(f"          of which the transport solve forward+backward: {solve_ms:.2f} ms")
 
 
+def profiled_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """The host, and the GPU when the benchmark runs on one."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
 def profile_layer(device: torch.device) -> None:
     """Where a layer forward+backward spends its time, by operation (``--profile``)."""
     print("\nProfile: layer forward+backward, B=64 C=1280 d=512 m=64 n=49, 10 calls")
@@ -108,10 +116,7 @@ def profile_layer(device: torch.device) -> None:
         (result.embedding.sum() + result.histogram.sum()).backward()
 
     timed(whole_layer, device, 3)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    with torch.profiler.profile(activities=profiled_activities(device)) as profile:
         for _ in range(10):
             whole_layer()
         if device.type == "cuda":
@@ -199,13 +204,10 @@ def profile_training_step(device: torch.device, steps: int = 5) -> None:
     synchronisations (both heads' figures include the one wait that ends each profile), then
     GSP's operators by host time."""
     print(f"\nProfile: ResNet-50 training step, 224 px, batch 8, {steps} steps per head")
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     tables = {}
     for name, step in resnet_steps(device).items():
         wall = timed(step, device, 3)
-        with torch.profiler.profile(activities=activities) as profile:
+        with torch.profiler.profile(activities=profiled_activities(device)) as profile:
             for _ in range(steps):
                 step()
             if device.type == "cuda":
