@@ -66,8 +66,6 @@ class InferenceEngine:
         self.fingerprint: str = loaded.fingerprint
         self.preprocessing = loaded.config.preprocessing
         self.embedding_dim: int = loaded.config.embedding_dim
-        # Decoders may reduce large JPEGs down to this side, no further (the indexer's rule).
-        self.min_side: int = self.preprocessing.resize_size
         self._crop = eval_crop(self.preprocessing)
         self._normalise = Normalise(self.preprocessing, device)
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
@@ -83,6 +81,11 @@ class InferenceEngine:
         )
         if device.type == "cuda":
             self.warm_up()
+
+    @property
+    def min_side(self) -> int:
+        """Decoders may reduce large JPEGs down to this side, no further (the indexer's rule)."""
+        return self.preprocessing.resize_size
 
     def warm_up(self) -> None:
         """Run the first forwards (layer compilation, cuDNN plans) before the service is ready.
