@@ -130,17 +130,15 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-def decode_upload(
-    data: bytes, content_type: str | None, settings: Settings, min_side: int
-) -> DecodedImage:
+def decode_upload(data: bytes, content_type: str | None, state: ServiceState) -> DecodedImage:
     """Decode an upload under the service's size and pixel limits; JPEGs at the smallest scale
-    that keeps ``min_side`` (the network's resize size), as the indexer decodes them."""
+    that keeps the network's resize size, as the indexer decodes them."""
     return decode_image(
         data,
         content_type=content_type,
-        max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_pixels,
-        min_side=min_side,
+        max_bytes=state.settings.max_upload_bytes,
+        max_pixels=state.settings.max_pixels,
+        min_side=state.engine.min_side,
     )
 
 
@@ -275,7 +273,7 @@ def build_router(settings: Settings) -> APIRouter:
         data = await read_upload(image, settings)
 
         def decode_and_prepare() -> tuple[DecodedImage, Any]:
-            decoded = decode_upload(data, image.content_type, settings, state.engine.min_side)
+            decoded = decode_upload(data, image.content_type, state)
             return decoded, state.engine.prepare(decoded.image)
 
         decoded, tensor = await run_in_threadpool(decode_and_prepare)
@@ -481,7 +479,7 @@ def build_router(settings: Settings) -> APIRouter:
             decoded = []
             for index, (upload, data) in enumerate(zip(images, blobs, strict=True)):
                 try:
-                    one = decode_upload(data, upload.content_type, settings, state.engine.min_side)
+                    one = decode_upload(data, upload.content_type, state)
                 except ImageRejected as error:
                     raise ImageRejected(
                         error.status, error.code, f"image {index}: {error.message}"

@@ -163,9 +163,7 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
 
 async def _upload_image(upload: UploadFile, state: ServiceState) -> DecodedImage:
     data = await read_upload(upload, state.settings)
-    return await run_in_threadpool(
-        decode_upload, data, upload.content_type, state.settings, state.engine.min_side
-    )
+    return await run_in_threadpool(decode_upload, data, upload.content_type, state)
 
 
 def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
