@@ -162,7 +162,11 @@ def in_process_ms(
 
     def decode() -> None:
         decoded = decode_image(
-            query, content_type="image/png", max_bytes=1 << 30, max_pixels=1 << 30
+            query,
+            content_type="image/png",
+            max_bytes=1 << 30,
+            max_pixels=1 << 30,
+            min_side=engine.min_side,
         )
         engine.prepare(decoded.image)
 
