@@ -342,6 +342,11 @@ async def drive(
     return LevelResult(concurrency, issued, errors, seconds, latencies, server_ms)
 
 
+def level_request_id(concurrency: int) -> str:
+    """The X-Request-ID of a level's requests, by which its access-log lines are found."""
+    return f"bench-c{concurrency}"
+
+
 def run_levels(
     url: str, query: bytes, levels: list[int], requests: int, max_seconds: float
 ) -> list[LevelResult]:
@@ -349,14 +354,14 @@ def run_levels(
     results = []
     for concurrency in levels:
         count = requests if concurrency > 1 else max(requests // 4, 20)
-        tag = f"bench-c{concurrency}"
+        tag = level_request_id(concurrency)
         results.append(asyncio.run(drive(url, query, concurrency, count, max_seconds, tag)))
     return results
 
 
 def add_access_durations(log: Path, results: list[LevelResult]) -> None:
     """Each level's successful searches' ``duration_ms`` from the server's access log."""
-    by_level = {f"bench-c{result.concurrency}": result for result in results}
+    by_level = {level_request_id(result.concurrency): result for result in results}
     for line in log.read_text().splitlines():
         try:
             record = json.loads(line)
