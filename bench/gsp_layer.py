@@ -97,12 +97,17 @@ def solve_share(layer: GeneralizedSumPooling, features, device, repeats: int) ->
     print(f"          of which the transport solve forward+backward: {solve_ms:.2f} ms")
 
 
-def profiled_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
-    """The host, and the GPU when the benchmark runs on one."""
+def profiled(fn: Callable[[], object], device: torch.device, calls: int):
+    """Operator statistics of ``calls`` calls of ``fn``: the host's, and the GPU's on one."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return activities
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return profile.key_averages()
 
 
 def profile_layer(device: torch.device) -> None:
@@ -116,12 +121,7 @@ def profile_layer(device: torch.device) -> None:
         (result.embedding.sum() + result.histogram.sum()).backward()
 
     timed(whole_layer, device, 3)
-    with torch.profiler.profile(activities=profiled_activities(device)) as profile:
-        for _ in range(10):
-            whole_layer()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(profiled(whole_layer, device, 10).table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def solver_against_fixed_point(device: torch.device, repeats: int) -> None:
@@ -204,15 +204,9 @@ def profile_training_step(device: torch.device, steps: int = 5) -> None:
     synchronisations (both heads' figures include the one wait that ends each profile), then
     GSP's operators by host time."""
     print(f"\nProfile: ResNet-50 training step, 224 px, batch 8, {steps} steps per head")
-    tables = {}
     for name, step in resnet_steps(device).items():
         wall = timed(step, device, 3)
-        with torch.profiler.profile(activities=profiled_activities(device)) as profile:
-            for _ in range(steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        events = profile.key_averages()
+        events = profiled(step, device, steps)
         kernels_us = sum(event.self_device_time_total for event in events)
         blocked_us = sum(
             event.self_cpu_time_total for event in events if "Synchronize" in event.key
@@ -221,8 +215,9 @@ def profile_training_step(device: torch.device, steps: int = 5) -> None:
             f"   {name}: {wall:.1f} ms per step; device kernels {kernels_us / steps / 1e3:.1f} "
             f"ms; host blocked in synchronisations {blocked_us / steps / 1e3:.1f} ms"
         )
-        tables[name] = events
-    print(tables["gsp"].table(sort_by="self_cpu_time_total", row_limit=25))
+        if name == "gsp":
+            gsp_events = events
+    print(gsp_events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
