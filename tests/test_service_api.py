@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 
@@ -563,3 +564,29 @@ def test_dependencies_run_on_the_event_loop(
     denied = client.delete("/v1/gallery/999999", headers={"X-API-Key": "wrong"})
     assert denied.status_code == 403
     assert handed_off == []
+
+
+def test_image_work_runs_on_the_service_workers(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding and drawing use the service's bounded pool, not Starlette's 40-thread one."""
+    import app.service.api as api
+
+    threads: dict[str, str] = {}
+
+    def recorded(name: str, function):
+        def wrapper(*args, **kwargs):
+            threads[name] = threading.current_thread().name
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(api, "decode_upload", recorded("decode", api.decode_upload))
+    monkeypatch.setattr(api, "inline_heatmap", recorded("heatmap", api.inline_heatmap))
+    monkeypatch.setattr(api, "thumbnail_jpeg", recorded("thumbnail", api.thumbnail_jpeg))
+    response = search(client, png_bytes(drawn_image("red", 0)), k=1, heatmaps="true")
+    assert response.status_code == 200, response.text
+    item = response.json()["matches"][0]["id"]
+    assert client.get(f"/v1/gallery/{item}/thumbnail").status_code == 200
+    assert set(threads) == {"decode", "heatmap", "thumbnail"}
+    assert all(name.startswith("gsp-cpu") for name in threads.values()), threads

@@ -207,7 +207,7 @@ async def upload_search_response(
     """The response of a search by uploaded image; ``stage_ms``: decode, embed, search."""
     heatmap = None
     if query.heatmaps:
-        heatmap = await run_in_threadpool(
+        heatmap = await state.workers.run(
             lambda: inline_heatmap(network_square(state, decoded.image), weights)
         )
     width, height = decoded.size
@@ -276,7 +276,7 @@ def build_router(settings: Settings) -> APIRouter:
             decoded = decode_upload(data, image.content_type, state)
             return decoded, state.engine.prepare(decoded.image)
 
-        decoded, tensor = await run_in_threadpool(decode_and_prepare)
+        decoded, tensor = await state.workers.run(decode_and_prepare)
         decode_ms = record_stage(request, "decode", started)
         started = time.perf_counter()
         embedded = await state.engine.embed(tensor)
@@ -401,7 +401,7 @@ def build_router(settings: Settings) -> APIRouter:
     async def thumbnail_bytes(state: ServiceState, item_id: int) -> tuple[Any, bytes]:
         record, path = await file_or_404(state, item_id)
         try:
-            jpeg = await run_in_threadpool(
+            jpeg = await state.workers.run(
                 thumbnail_jpeg, path, settings.thumbnail_size, settings.max_pixels
             )
         except ImageRejected as error:
@@ -442,7 +442,7 @@ def build_router(settings: Settings) -> APIRouter:
                 square = centre_crop(small.convert("RGB"), state.engine.crop_fraction)
                 return overlay_png(square, np.asarray(record.weights), opacity)
 
-        return Response(await run_in_threadpool(render), media_type="image/png")
+        return Response(await state.workers.run(render), media_type="image/png")
 
     @router.post(
         "/gallery",
@@ -487,7 +487,7 @@ def build_router(settings: Settings) -> APIRouter:
                 decoded.append((one, state.engine.prepare(one.image)))
             return decoded
 
-        decoded = await run_in_threadpool(decode_all)
+        decoded = await state.workers.run(decode_all)
         embedded = await asyncio.gather(*(state.engine.embed(tensor) for _, tensor in decoded))
         known = await state.store.run(
             lambda g: {one.sha256 for one, _ in decoded if g.find_sha256(one.sha256) is not None}

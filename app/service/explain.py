@@ -18,7 +18,6 @@ import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from app.service.api import (
     MAX_ITEM_ID,
@@ -154,7 +153,7 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
         )
 
     try:
-        return record, await run_in_threadpool(load)
+        return record, await state.workers.run(load)
     except (ImageRejected, OSError) as error:
         raise ApiError(
             404, "image_unavailable", f"the image of item {item_id} is unusable: {error}"
@@ -163,7 +162,7 @@ async def _gallery_image(state: ServiceState, item_id: int) -> tuple[Any, Decode
 
 async def _upload_image(upload: UploadFile, state: ServiceState) -> DecodedImage:
     data = await read_upload(upload, state.settings)
-    return await run_in_threadpool(decode_upload, data, upload.content_type, state)
+    return await state.workers.run(decode_upload, data, upload.content_type, state)
 
 
 def _feature_map(state: ServiceState, image: Image.Image) -> torch.Tensor:
@@ -274,7 +273,7 @@ async def explain(
         )
 
     try:
-        return await run_in_threadpool(work)
+        return await state.workers.run(work)
     except NotGSPError as error:
         raise ApiError(409, "needs_gsp", str(error)) from None
 
@@ -405,7 +404,7 @@ async def search_regions(
 
     started = time.perf_counter()
     try:
-        output = await run_in_threadpool(embed)
+        output = await state.workers.run(embed)
     except NotGSPError as error:
         raise ApiError(409, "needs_gsp", str(error)) from None
     except ExplainError as error:

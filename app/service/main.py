@@ -27,6 +27,7 @@ from app.service.schemas import ErrorResponse, Health, Readiness
 from app.service.settings import Settings
 from app.service.state import ServiceState
 from app.service.store import GalleryStore
+from app.service.workers import CpuWorkers
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -83,7 +84,13 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         }
     )
     store.call(on_change)
-    return ServiceState(settings=settings, engine=engine, store=store, metrics=metrics)
+    return ServiceState(
+        settings=settings,
+        engine=engine,
+        store=store,
+        workers=CpuWorkers(settings.cpu_workers),
+        metrics=metrics,
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -120,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
             if sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await state.engine.batcher.stop()
+            state.workers.close()
             state.store.close()
 
     app = FastAPI(

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.service.workers import usable_cpus
+
 __all__ = ["Settings"]
 
 
@@ -50,6 +52,13 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
+    cpu_workers: int = Field(
+        default_factory=usable_cpus,
+        ge=1,
+        le=256,
+        description="threads that decode uploads and draw thumbnails, heatmaps and explanations "
+        "(at most this many images are decoded at once); default: the usable CPUs",
+    )
     gallery_save_every: int = Field(
         default=100, ge=1, description="API writes after which the gallery index is snapshotted"
     )

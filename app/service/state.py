@@ -1,4 +1,5 @@
-"""What the routes share: settings, the inference engine, the gallery store and the metrics."""
+"""What the routes share: settings, the inference engine, the gallery store, the image workers
+and the metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from app.service.inference import InferenceEngine
 from app.service.metrics import ServiceMetrics
 from app.service.settings import Settings
 from app.service.store import GalleryStore
+from app.service.workers import CpuWorkers
 
 __all__ = ["ServiceState", "service_state"]
 
@@ -19,6 +21,7 @@ class ServiceState:
     settings: Settings
     engine: InferenceEngine
     store: GalleryStore
+    workers: CpuWorkers
     metrics: ServiceMetrics
 
 
