@@ -9,6 +9,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -590,3 +591,40 @@ def test_image_work_runs_on_the_service_workers(
     assert client.get(f"/v1/gallery/{item}/thumbnail").status_code == 200
     assert set(threads) == {"decode", "heatmap", "thumbnail"}
     assert all(name.startswith("gsp-cpu") for name in threads.values()), threads
+
+
+def test_requests_beyond_the_in_flight_limit_get_503_and_probes_still_answer(
+    service_assets: ServiceAssets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.service.api as api
+
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    real_decode = api.decode_upload
+
+    def held_decode(*args, **kwargs):
+        entered.release()
+        assert release.wait(30), "the test never released the decodes"
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decode_upload", held_decode)
+    # Read-only: the module's client holds the gallery open for writing.
+    settings = service_assets.settings(max_in_flight=2, cpu_workers=2, gallery_read_only=True)
+    query = png_bytes(drawn_image("red", 0))
+    with TestClient(create_app(settings)) as limited:
+        with ThreadPoolExecutor(2) as senders:
+            held = [senders.submit(search, limited, query, k=1) for _ in range(2)]
+            for _ in range(2):
+                assert entered.acquire(timeout=30)  # both searches are in progress
+            refused = search(limited, query, k=1)
+            body = assert_error(refused, 503, "overloaded")
+            assert "GSP_MAX_IN_FLIGHT" in body["detail"]
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["x-request-id"]  # logged like any other request
+            for probe in ("/healthz", "/readyz", "/metrics"):
+                assert limited.get(probe).status_code == 200, probe
+            assert "gsp_http_requests_in_flight 2.0" in limited.get("/metrics").text
+            release.set()
+            assert [future.result().status_code for future in held] == [200, 200]
+        assert search(limited, query, k=1).status_code == 200  # the slots were given back
+        assert "gsp_http_requests_in_flight 0.0" in limited.get("/metrics").text

@@ -22,7 +22,7 @@ from app.service.images import ImageRejected, treat_decompression_bombs_as_error
 from app.service.inference import InferenceEngine, resolve_device
 from app.service.logging import configure_logging
 from app.service.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from app.service.middleware import AccessMiddleware
+from app.service.middleware import AccessMiddleware, InFlightLimit
 from app.service.schemas import ErrorResponse, Health, Readiness
 from app.service.settings import Settings
 from app.service.state import ServiceState
@@ -146,6 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
+    app.add_middleware(InFlightLimit, limit=settings.max_in_flight, metrics=metrics)
+    # Added last, so outermost: the in-flight limit's refusals are logged and counted too.
     app.add_middleware(
         AccessMiddleware,
         metrics=metrics,

@@ -54,6 +54,11 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "gsp_http_requests_in_flight",
+            "Requests in progress (probes and metrics not counted)",
+            registry=self.registry,
+        )
         self.gallery_items = Gauge(
             "gsp_gallery_items", "Items in the served gallery", registry=self.registry
         )

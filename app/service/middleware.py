@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, a body-size guard, access logs and request metrics.
+"""Pure ASGI middleware: request ids, a body-size guard, access logs and request metrics, and
+a bound on the requests in progress.
 
 Pure ASGI (not Starlette's ``BaseHTTPMiddleware``) so that responses are not re-streamed
 through an extra task on every request.
@@ -15,7 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.service.logging import ACCESS_LOGGER, access_record, request_id_from
 from app.service.metrics import ServiceMetrics
 
-__all__ = ["AccessMiddleware"]
+__all__ = ["OPERATIONAL_PATHS", "AccessMiddleware", "InFlightLimit"]
+
+# Probes and metrics: answered whatever the load, so that a busy server is not taken for a dead one.
+OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _access_log = logging.getLogger(ACCESS_LOGGER)
 _error_log = logging.getLogger("gsp.error")
@@ -104,7 +108,53 @@ class AccessMiddleware:
         _access_log.info("request", extra={"fields": fields})
 
 
-async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
+class InFlightLimit:
+    """At most ``limit`` requests in progress; the next ones get 503 with ``Retry-After`` before
+    their bodies are read.
+
+    Under a flood the excess is then answered at once, instead of queueing until memory (each
+    waiting request holds its upload) or the clients' patience runs out. ``OPERATIONAL_PATHS``
+    are never refused. One event loop runs every request, so a plain counter is exact.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, metrics: ServiceMetrics) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight limit must be at least 1, got {limit}")
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPERATIONAL_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _send_error(
+                send,
+                503,
+                "overloaded",
+                f"the service is busy with {self.limit} requests (GSP_MAX_IN_FLIGHT); "
+                "retry shortly",
+                headers=[(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+
+async def _send_error(
+    send: Send,
+    status: int,
+    code: str,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = json.dumps({"detail": detail, "code": code}).encode()
     await send(
         {
@@ -113,6 +163,7 @@ async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or []),
             ],
         }
     )

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     batching: bool = True
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_in_flight: int = Field(
+        default=128,
+        ge=1,
+        le=100_000,
+        description="requests in progress at once; more get 503 with Retry-After "
+        "(/healthz, /readyz and /metrics are never refused)",
+    )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     cpu_workers: int = Field(
         default_factory=usable_cpus,
