@@ -628,3 +628,7 @@ def test_requests_beyond_the_in_flight_limit_get_503_and_probes_still_answer(
             assert [future.result().status_code for future in held] == [200, 200]
         assert search(limited, query, k=1).status_code == 200  # the slots were given back
         assert "gsp_http_requests_in_flight 0.0" in limited.get("/metrics").text
+        paths = limited.get("/openapi.json").json()["paths"]
+        for path, operations in paths.items():
+            if path.startswith("/v1/"):  # every route the limit can refuse documents it
+                assert all("503" in op["responses"] for op in operations.values()), path

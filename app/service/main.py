@@ -166,8 +166,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def batcher_closed(request: Request, error: BatcherClosed) -> JSONResponse:
         return _error(503, "unavailable", str(error))
 
-    app.include_router(build_router(settings))
-    app.include_router(explain_router)
+    # Every /v1 route may be refused by the in-flight limit; the OpenAPI document says so.
+    overloaded = {
+        503: {"model": ErrorResponse, "description": "busy (GSP_MAX_IN_FLIGHT) or stopping; retry"}
+    }
+    app.include_router(build_router(settings), responses=overloaded)
+    app.include_router(explain_router, responses=overloaded)
 
     @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
     async def healthz() -> Health:
