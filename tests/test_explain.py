@@ -24,7 +24,7 @@ from model.explain import (
 )
 from model.gsp import build_pooling
 from model.net import EmbeddingNet
-from tests.test_service_support import ServiceAssets, drawn_image, shared_assets
+from tests.test_service_support import ServiceAssets, drawn_image
 
 CHANNELS = 16
 
@@ -243,27 +243,27 @@ def test_bad_rectangles_are_refused(rectangle: tuple[float, ...], pixels: bool) 
 # -- the gsp explain panel ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
-
-
-def _item_ids(assets: ServiceAssets) -> dict[str, int]:
+def _item_ids(service_assets: ServiceAssets) -> dict[str, int]:
     from index.gallery import Gallery
 
-    with Gallery.open(assets.gallery_full, read_only=True) as gallery:
+    with Gallery.open(service_assets.gallery_full, read_only=True) as gallery:
         records = gallery.get_many(range(64))
     return {record.extra["name"]: record.id for record in records}
 
 
-def test_cli_writes_an_explanation_panel(assets: ServiceAssets, tmp_path) -> None:
+def test_cli_writes_an_explanation_panel(service_assets: ServiceAssets, tmp_path) -> None:
     from app.cli import main
 
-    ids = _item_ids(assets)
+    ids = _item_ids(service_assets)
     query = tmp_path / "query.png"
     drawn_image("blue", 1).save(query)
     out = tmp_path / "panels" / "panel.png"
-    options = ["--checkpoint", str(assets.checkpoint), "--gallery", str(assets.gallery_full)]
+    options = [
+        "--checkpoint",
+        str(service_assets.checkpoint),
+        "--gallery",
+        str(service_assets.gallery_full),
+    ]
 
     def explain(query_arg: str, match_id: int, target, *extra: str) -> int:
         return main(["explain", query_arg, str(match_id), *options, "--out", str(target), *extra])

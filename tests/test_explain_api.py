@@ -11,18 +11,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.service.main import create_app
-from tests.test_service_support import ServiceAssets, drawn_image, png_bytes, shared_assets
+from tests.test_service_support import ServiceAssets, drawn_image, png_bytes
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def client(assets: ServiceAssets) -> Iterator[TestClient]:
+def client(service_assets: ServiceAssets) -> Iterator[TestClient]:
     # the explain routes come with create_app itself: the test would fail if they were not mounted
-    app = create_app(assets.settings(gallery=assets.gallery_full, gallery_read_only=True))
+    app = create_app(
+        service_assets.settings(gallery=service_assets.gallery_full, gallery_read_only=True)
+    )
     with TestClient(app) as test_client:
         yield test_client
 
@@ -115,14 +112,18 @@ def test_explain_with_a_gallery_item_as_query(client: TestClient, ids: dict[str,
     assert len(body["prototypes"]) == 1
 
 
-def test_explain_bad_input(client: TestClient, ids: dict[str, int], assets: ServiceAssets) -> None:
+def test_explain_bad_input(
+    client: TestClient, ids: dict[str, int], service_assets: ServiceAssets
+) -> None:
     upload = image_file(drawn_image("red", 1))
     some = ids["red-1.png"]
     assert_error(explain(client, gallery_id=some), 400, "bad_query")
     assert_error(explain(client, upload, query_id=some, gallery_id=some), 400, "bad_query")
     assert_error(explain(client, upload, gallery_id=987654), 404, "unknown_id")
     assert_error(explain(client, query_id=987654, gallery_id=some), 404, "unknown_id")
-    assert_error(explain(client, upload, gallery_id=assets.escape_ids[0]), 404, "image_unavailable")
+    assert_error(
+        explain(client, upload, gallery_id=service_assets.escape_ids[0]), 404, "image_unavailable"
+    )
     not_image = {"image": ("q.png", b"definitely not an image", "image/png")}
     assert_error(explain(client, not_image, gallery_id=some), 400, "not_an_image")
     assert_error(explain(client, upload), 422)

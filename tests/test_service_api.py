@@ -26,15 +26,9 @@ from tests.test_service_support import (
     drawn_image,
     png_bytes,
     point_gallery_link,
-    shared_assets,
 )
 
 AUTH = {"X-API-Key": API_KEY}
-
-
-@pytest.fixture(scope="session")
-def service_assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

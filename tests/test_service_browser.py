@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from app.service.main import create_app
-from tests.test_service_support import ServiceAssets, drawn_image, serve_in_thread, shared_assets
+from tests.test_service_support import drawn_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -32,17 +31,6 @@ TIMEOUT_MS = 30_000
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (CI: apt-get install -y chromium)"
 )
-
-
-@pytest.fixture(scope="session")
-def service_assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def base_url(service_assets: ServiceAssets) -> Iterator[str]:
-    with serve_in_thread(create_app(service_assets.settings(gallery_read_only=True))) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +62,15 @@ PAINTED_PIXELS = """(canvas) => {
 }"""
 
 
-def test_upload_shows_matches_and_heatmaps(base_url: str, page: Page, tmp_path: Path) -> None:
+def test_upload_shows_matches_and_heatmaps(
+    read_only_server: str, page: Page, tmp_path: Path
+) -> None:
     query = tmp_path / "query.png"
     drawn_image("blue", 2).save(query)
     # A standing listener turns on file-chooser interception before any key is pressed; without
     # it Playwright can miss a chooser opened right after the listener is added.
     page.on("filechooser", lambda chooser: None)
-    page.goto(base_url + "/")
+    page.goto(read_only_server + "/")
     # Keyboard: the drop zone is focusable and Enter opens the file chooser.
     page.focus("#drop-zone")
     with page.expect_file_chooser() as chooser:
@@ -131,10 +121,10 @@ RECORD_FETCHES = """(() => {
 })();"""
 
 
-def search_for(page: Page, base_url: str, query: Path) -> None:
+def search_for(page: Page, read_only_server: str, query: Path) -> None:
     """Open the page and search with ``query`` (the hidden file input, as a drop would)."""
     page.add_init_script(RECORD_FETCHES)
-    page.goto(base_url + "/")
+    page.goto(read_only_server + "/")
     page.set_input_files("#file-input", str(query))
     page.wait_for_selector("#results li")
     page.wait_for_selector("#region-tools:not([disabled])")
@@ -148,11 +138,11 @@ def last_form(page: Page, path: str) -> dict[str, str]:
 
 
 def test_explain_shows_each_part_in_one_colour_on_query_and_match(
-    base_url: str, page: Page, tmp_path: Path
+    read_only_server: str, page: Page, tmp_path: Path
 ) -> None:
     query = tmp_path / "query.png"
     drawn_image("green", 1).save(query)
-    search_for(page, base_url, query)
+    search_for(page, read_only_server, query)
     explain = page.get_by_role("button", name="Explain match 1", exact=True)
     explain.focus()  # keyboard accessible: a real button, activated with Enter
     with page.expect_response("**/v1/explain"):
@@ -185,11 +175,11 @@ def test_explain_shows_each_part_in_one_colour_on_query_and_match(
 
 
 def test_favour_rectangle_drawn_with_the_mouse_drives_the_region_search(
-    base_url: str, page: Page, tmp_path: Path
+    read_only_server: str, page: Page, tmp_path: Path
 ) -> None:
     query = tmp_path / "query.png"
     drawn_image("red", 3).save(query)
-    search_for(page, base_url, query)
+    search_for(page, read_only_server, query)
     image = page.locator("#query-image")
     page.wait_for_function("document.getElementById('query-image').naturalWidth > 0")
     box = image.bounding_box()

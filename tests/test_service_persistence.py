@@ -16,14 +16,9 @@ from app.service.main import create_app
 from app.service.store import GalleryStore
 from index.gallery import IDS_FILE, Gallery
 from index.snapshot import CURRENT, current_snapshot
-from tests.test_service_support import API_KEY, ServiceAssets, png_bytes, shared_assets
+from tests.test_service_support import API_KEY, ServiceAssets, png_bytes
 
 AUTH = {"X-API-Key": API_KEY}
-
-
-@pytest.fixture(scope="module")
-def service_assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -142,9 +141,6 @@ def point_gallery_link(assets: ServiceAssets, target: Path) -> None:
     os.replace(temporary, assets.gallery_link)
 
 
-_CACHE: dict[str, ServiceAssets] = {}
-
-
 def build_assets(root: Path) -> ServiceAssets:
     checkpoint = root / "checkpoint"
     _build_checkpoint(checkpoint)
@@ -177,13 +173,6 @@ def build_assets(root: Path) -> ServiceAssets:
     )
     point_gallery_link(assets, full)
     return assets
-
-
-def shared_assets(factory: pytest.TempPathFactory) -> ServiceAssets:
-    """The session's assets, built on first use (each test module's fixture calls this)."""
-    if "assets" not in _CACHE:
-        _CACHE["assets"] = build_assets(factory.mktemp("service"))
-    return _CACHE["assets"]
 
 
 @contextlib.contextmanager

@@ -24,16 +24,10 @@ from tests.test_service_support import (
     drawn_image,
     png_bytes,
     point_gallery_link,
-    shared_assets,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 90
-
-
-@pytest.fixture(scope="session")
-def service_assets(tmp_path_factory: pytest.TempPathFactory) -> ServiceAssets:
-    return shared_assets(tmp_path_factory)
 
 
 def free_port() -> int:
