@@ -24,7 +24,14 @@ from index.gallery import Gallery, ItemInput
 from index.images import decode_image, find_images
 from index.snapshot import CURRENT
 
-__all__ = ["BuildReport", "build_gallery", "index_files", "open_or_create", "resolve_device"]
+__all__ = [
+    "BuildReport",
+    "build_gallery",
+    "index_files",
+    "open_for_model",
+    "open_or_create",
+    "resolve_device",
+]
 
 FAILURES_FILE = "build-failures.jsonl"
 
@@ -121,19 +128,25 @@ def _resolve_workers(workers: int | str) -> int:
     return count
 
 
+def open_for_model(directory: Path, loaded: Any, *, read_only: bool = False) -> Gallery:
+    """Open the gallery at ``directory``; one built by another model or preprocessing than the
+    loaded checkpoint's is refused, since its embeddings could not be compared."""
+    return Gallery.open(
+        directory,
+        expected_fingerprint=loaded.fingerprint,
+        expected_preprocessing=loaded.config.preprocessing,
+        read_only=read_only,
+    )
+
+
 def open_or_create(out_dir: Path, loaded: Any, index_type: str = "auto") -> Gallery:
     """Open the gallery built by this checkpoint's model, or create it when absent."""
-    preprocessing = loaded.config.preprocessing
     if (out_dir / CURRENT).is_symlink():
-        return Gallery.open(
-            out_dir,
-            expected_fingerprint=loaded.fingerprint,
-            expected_preprocessing=preprocessing,
-        )
+        return open_for_model(out_dir, loaded)
     return Gallery.create(
         out_dir,
         model_fingerprint=loaded.fingerprint,
-        preprocessing=preprocessing,
+        preprocessing=loaded.config.preprocessing,
         embedding_dim=loaded.config.embedding_dim,
         index_type=index_type,
     )

@@ -68,8 +68,8 @@ def _read_image(path: Path, resize_size: int) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from index.build import open_for_model
     from index.errors import GalleryError
-    from index.gallery import Gallery
     from model.checkpoint import load_checkpoint
     from model.explain import explain_pair
     from model.transforms import eval_transform
@@ -79,12 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_checkpoint(args.checkpoint, device="cpu")
         preprocessing = loaded.config.preprocessing
-        with Gallery.open(
-            args.gallery,
-            expected_fingerprint=loaded.fingerprint,
-            expected_preprocessing=preprocessing,
-            read_only=True,
-        ) as gallery:
+        with open_for_model(args.gallery, loaded, read_only=True) as gallery:
             query_path = Path(args.query)
             if not query_path.exists() and args.query.isdigit():
                 query = _item_image(gallery, int(args.query), preprocessing.resize_size)

@@ -105,9 +105,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from index.build import FAILURES_FILE, index_files
+    from index.build import FAILURES_FILE, index_files, open_for_model
     from index.errors import GalleryError
-    from index.gallery import Gallery
     from index.images import find_images
     from model.checkpoint import load_checkpoint
 
@@ -121,11 +120,7 @@ def _add(args: argparse.Namespace) -> int:
             return _fail(f"{path} is neither a file nor a folder")
     try:
         loaded = load_checkpoint(args.checkpoint, device="cpu")
-        with Gallery.open(
-            args.gallery,
-            expected_fingerprint=loaded.fingerprint,
-            expected_preprocessing=loaded.config.preprocessing,
-        ) as gallery:
+        with open_for_model(args.gallery, loaded) as gallery:
             report = index_files(
                 gallery,
                 loaded,
@@ -205,9 +200,8 @@ def _info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import torch
 
-    from index.build import resolve_device
+    from index.build import open_for_model, resolve_device
     from index.errors import GalleryError
-    from index.gallery import Gallery
     from index.images import decode_image
     from model.checkpoint import load_checkpoint
     from model.transforms import eval_transform
@@ -222,12 +216,7 @@ def _search(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             net = loaded.net.to(device).eval()
             output = net(eval_transform(preprocessing)(query)[None].to(device))
-        with Gallery.open(
-            args.gallery,
-            expected_fingerprint=loaded.fingerprint,
-            expected_preprocessing=preprocessing,
-            read_only=True,
-        ) as gallery:
+        with open_for_model(args.gallery, loaded, read_only=True) as gallery:
             matches = gallery.search(output.embedding.float().cpu().numpy(), args.k, args.label)[0]
             records = {r.id: r for r in gallery.get_many([m.id for m in matches])}
     except (GalleryError, OSError, ValueError) as error:
