@@ -4,6 +4,12 @@ At the sizes of a pooling layer a GPU finishes each eager operation in microseco
 launches, not arithmetic, set the time; compiling fuses a part's operations into a few kernels.
 On a CPU the arithmetic dominates and compiling (seconds, a C++ toolchain) would not pay.
 ``GSP_COMPILE=0`` keeps CUDA eager too.
+
+Shapes follow torch's default (``dynamic=None``): the first call compiles for its exact sizes;
+a call with other sizes recompiles once with the sizes that changed left symbolic. A training
+job of one batch shape thus runs kernels specialised to it, whose guards and launch code cost
+the host less than fully symbolic ones (``bench/compile_modes.py``), and a service that has
+run batches of 1 and 2 has compiled every batch size (tests/test_gsp.py).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ def compile_enabled(device: torch.device) -> bool:
 
 
 def fused(part: F, device: torch.device) -> F:
-    """``part`` compiled once (shapes symbolic) where :func:`compile_enabled`, else itself."""
+    """``part`` compiled (see the module doc for shapes) where :func:`compile_enabled`, else
+    itself."""
     if not compile_enabled(device):
         return part
     if part not in _compiled:
-        _compiled[part] = torch.compile(part, dynamic=True)
+        _compiled[part] = torch.compile(part)
     return _compiled[part]

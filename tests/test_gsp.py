@@ -101,6 +101,29 @@ def test_compiled_layer_equals_the_eager_one(monkeypatch) -> None:
         assert (ours - reference).abs().max() < 1e-12
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_after_batches_of_one_and_two_no_batch_size_compiles_again(monkeypatch) -> None:
+    """The service warms up with batches of 1 and 2 (``InferenceEngine.warm_up``) so that no
+    request waits for a compile: every later batch size must reuse those graphs."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiling, "compile_enabled", lambda device: True)
+    torch._dynamo.reset()  # no graph of an earlier test may stand in for the warm-up
+    layer = GeneralizedSumPooling(16, 8, num_prototypes=4).eval()
+    try:
+        with torch.inference_mode():
+            for batch in (1, 2):
+                layer(torch.randn(batch, 16, 5, 5))
+            warmed = counters["stats"]["unique_graphs"]
+            assert warmed > 0  # the layer did compile
+            for batch in (3, 5, 16, 1, 7):
+                layer(torch.randn(batch, 16, 5, 5))
+            assert counters["stats"]["unique_graphs"] == warmed
+    finally:
+        torch._dynamo.reset()
+
+
 def test_query_time_ratio_and_unary_cost() -> None:
     layer = GeneralizedSumPooling(16, 8, num_prototypes=4).double()
     features = feature_map()
