@@ -11,13 +11,13 @@
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
 #     opentelemetry-api importlib-metadata zipp
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, step, omp, static; default: the first four).  With compilation the four take up to
+# tests, service, profile, step, omp, symbolic; default: the first four).  With compilation the four take up to
 # 10 minutes, more than one device call may run: call `layer tests`, then `service profile omp`.
 # Results go to $OUT.  `omp` reruns the service benchmark at c=1 and 32 with one OpenMP thread,
 # to test whether CPU kernel thread pools are behind the GPU box's unexplained c=1 overhead.
-# `static` reruns the layer benchmark with the layer compiled for static shapes first
-# (torch.compile's default, dynamic=None, instead of dynamic=True): fewer guards and kernels
-# specialised to the sizes; model/compiling.py is restored afterwards.
+# `symbolic` reruns the layer benchmark with every size symbolic from the start (dynamic=True,
+# the layer's setting before 2026-11-27) instead of torch's default, to compare the two on the
+# GPU (bench/compile_modes.py is the CPU stand-in); model/compiling.py is restored afterwards.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
@@ -56,13 +56,13 @@ for section in $sections; do
         OMP_NUM_THREADS=1 timeout 150 python3 bench/service.py --device cuda --levels 1,32 \
             --requests 320 --max-seconds 10 2>&1 | grep -v "building gallery" \
             | tee "$OUT/service_omp1.txt" ;;
-    static)
-        echo "== gsp_layer, compiled for static shapes first"
-        sed -i 's/dynamic=True/dynamic=None/' model/compiling.py
-        grep -q 'dynamic=None' model/compiling.py || { echo "compile call not found" >&2; exit 2; }
+    symbolic)
+        echo "== gsp_layer, every size symbolic (dynamic=True)"
+        sed -i 's/torch.compile(part)/torch.compile(part, dynamic=True)/' model/compiling.py
+        grep -q 'dynamic=True' model/compiling.py || { echo "compile call not found" >&2; exit 2; }
         timeout 130 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 \
-            | grep -v -E "$quiet" | tee "$OUT/gsp_layer_static.txt"
-        sed -i 's/dynamic=None/dynamic=True/' model/compiling.py ;;
+            | grep -v -E "$quiet" | tee "$OUT/gsp_layer_symbolic.txt"
+        sed -i 's/torch.compile(part, dynamic=True)/torch.compile(part)/' model/compiling.py ;;
     *)
         echo "unknown section: $section" >&2
         exit 2 ;;

@@ -61,10 +61,18 @@ def interleaved(fns: dict[str, Callable[[], object]], device, repeats: int) -> d
     return {name: min(values) for name, values in results.items()}
 
 
+def fresh_compiles() -> None:
+    """Forget every compiled graph, so that the next configuration compiles for its own sizes
+    as a training job of that shape would (on CUDA the layer's parts are compiled for the first
+    sizes they see; a later change of sizes recompiles them with those sizes symbolic)."""
+    torch.compiler.reset()
+
+
 def layer_against_cost_matrix(device: torch.device, repeats: int) -> None:
     print("\n1. Layer forward+backward against projection + cost matrix forward+backward")
     print("   (B=64, C=1280, d=512, m=64)")
     for side in (7, 14):
+        fresh_compiles()
         layer = GeneralizedSumPooling(1280, 512, num_prototypes=64).to(device)
         features = torch.randn(64, 1280, side, side, device=device, requires_grad=True)
 
@@ -126,6 +134,7 @@ def profile_layer(device: torch.device) -> None:
 
 def solver_against_fixed_point(device: torch.device, repeats: int) -> None:
     print("\n2. Exact solve against the reference 100-iteration fixed point (float32 inputs)")
+    fresh_compiles()
     torch.manual_seed(0)
     cost = torch.rand(64, 64, 196, device=device) * 2
     gamma = 5.0
@@ -191,6 +200,7 @@ def resnet_steps(device: torch.device) -> dict[str, Callable[[], None]]:
 
 def training_step(device: torch.device, repeats: int) -> None:
     print("\n3. ResNet-50 training step at 224 px, batch 8: GSP against GAP")
+    fresh_compiles()
     t = interleaved(resnet_steps(device), device, max(2, repeats // 4))
     print(
         f"   GSP {t['gsp']:.1f} ms, GAP {t['gap']:.1f} ms, ratio {t['gsp'] / t['gap']:.3f}x "
