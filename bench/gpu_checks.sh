@@ -11,8 +11,9 @@
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
 #     opentelemetry-api importlib-metadata zipp
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, step, omp, symbolic; default: the first four).  With compilation the four take up to
-# 10 minutes, more than one device call may run: call `layer tests`, then `service profile omp`.
+# tests, service, profile, step, omp, symbolic; default: the first four). With compilation the
+# four take up to 10 minutes, more than one device call may run. Within 15 minutes of device
+# time: `layer symbolic service` first (about 7 minutes), then `tests` (about 5).
 # Results go to $OUT.  `omp` reruns the service benchmark at c=1 and 32 with one OpenMP thread,
 # to test whether CPU kernel thread pools are behind the GPU box's unexplained c=1 overhead.
 # `symbolic` reruns the layer benchmark with every size symbolic from the start (dynamic=True,
