@@ -126,7 +126,7 @@ class InFlightLimit:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPERATIONAL_PATHS:
+        if scope["type"] != "http" or _app_path(scope) in OPERATIONAL_PATHS:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
@@ -146,6 +146,13 @@ class InFlightLimit:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+
+
+def _app_path(scope: Scope) -> str:
+    """The request path inside the application: behind a proxy's prefix (``--root-path``)
+    servers put the prefix in front of ``path`` too."""
+    path, prefix = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(prefix) :] if prefix and path.startswith(prefix) else path
 
 
 async def _send_error(
