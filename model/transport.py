@@ -16,13 +16,7 @@ from torch import Tensor
 from model.checks import DeferredChecks
 from model.solver import Begun, settle, solver_for
 
-__all__ = [
-    "TransportParts",
-    "TransportSolution",
-    "partial_transport",
-    "ratio_tensor",
-    "solve_transport",
-]
+__all__ = ["TransportSolution", "partial_transport", "ratio_tensor"]
 
 
 class TransportSolution(tuple):
@@ -119,27 +113,6 @@ def _check_inputs(cost: Tensor, transport_ratio: float | Tensor, entropy_weight:
     return ratio_tensor(transport_ratio, batch, cost.device)
 
 
-class TransportParts(NamedTuple):
-    """The factors of the plan: ``plan[b, k, i] = assignment[b, k, i] * taken[b, i] / n``."""
-
-    assignment: Tensor  # (B, m, n): softmax over prototypes of -gamma * cost
-    taken: Tensor  # (B, n): fraction g_i of location i's mass that is transported
-    kept: Tensor  # (B, n): 1 - g_i, computed without cancellation
-
-
-def solve_transport(
-    cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float
-) -> TransportParts:
-    """Solve the transport and return its factors; see :func:`partial_transport`.
-
-    ``transport_ratio = 1`` gives ``taken`` of exactly 1: global average pooling.
-    """
-    ratio = _check_inputs(cost, transport_ratio, entropy_weight)
-    work_dtype = torch.promote_types(cost.dtype, torch.float32)
-    with torch.autocast(device_type=cost.device.type, enabled=False):
-        return TransportParts(*_Transport.apply(cost.to(work_dtype), ratio, float(entropy_weight)))
-
-
 def partial_transport(
     cost: Tensor, transport_ratio: float | Tensor, entropy_weight: float
 ) -> TransportSolution:
@@ -153,8 +126,15 @@ def partial_transport(
     Returns:
         ``(plan, residual)``: ``plan[b, k, i]`` is the mass location ``i`` sends to prototype
         ``k`` and ``residual[b, i]`` the mass it keeps; each location holds ``1/n`` in total and
-        ``plan.sum((1, 2)) == mu``.  Computed in at least float32, whatever the input precision.
+        ``plan.sum((1, 2)) == mu``.  Computed in at least float32, whatever the input precision;
+        ``transport_ratio = 1`` transports all of every location's mass: global average pooling.
     """
-    parts = solve_transport(cost, transport_ratio, entropy_weight)
+    ratio = _check_inputs(cost, transport_ratio, entropy_weight)
+    work_dtype = torch.promote_types(cost.dtype, torch.float32)
+    with torch.autocast(device_type=cost.device.type, enabled=False):
+        # The plan's factors: plan[b, k, i] = assignment[b, k, i] * taken[b, i] / n.
+        assignment, taken, kept = _Transport.apply(
+            cost.to(work_dtype), ratio, float(entropy_weight)
+        )
     n = cost.shape[2]
-    return TransportSolution(parts.assignment * (parts.taken / n)[:, None, :], parts.kept / n)
+    return TransportSolution(assignment * (taken / n)[:, None, :], kept / n)
