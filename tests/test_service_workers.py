@@ -65,9 +65,12 @@ def test_errors_reach_the_caller_and_the_pool_goes_on() -> None:
     assert asyncio.run(scenario()) == 6
 
 
-def test_pool_size_is_checked_and_defaults_to_the_usable_cpus(tmp_path) -> None:
+def test_pool_size_is_checked_and_defaults_to_the_usable_cpus(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         CpuWorkers(0)
-    settings = Settings(checkpoint=tmp_path, gallery=tmp_path)
-    assert settings.cpu_workers == usable_cpus() >= 1
-    assert Settings(checkpoint=tmp_path, gallery=tmp_path, cpu_workers=2).cpu_workers == 2
+    monkeypatch.delenv("GSP_CPU_WORKERS", raising=False)  # the default, not this shell's choice
+    paths = {"checkpoint": tmp_path, "gallery": tmp_path, "_env_file": None}
+    assert Settings(**paths).cpu_workers == usable_cpus() >= 1
+    assert Settings(**paths, cpu_workers=2).cpu_workers == 2
