@@ -10,26 +10,58 @@ implicit gradient, so nothing beyond the inputs, the assignment and ``u + l`` is
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from model.checks import DeferredChecks, all_finite
 from model.compiling import fused
-from model.solver import Begun, begin, finish, implicit_backward, settle, solver_for
+from model.solver import (
+    Begun,
+    begin,
+    finish,
+    implicit_backward,
+    require_valid_transport,
+    settle,
+    solver_for,
+)
 
-__all__ = ["cosine_costs", "gsp_pool", "pooled_outputs"]
+__all__ = [
+    "KERNELS",
+    "cosine_costs",
+    "cosines",
+    "gsp_pool",
+    "pooled_outputs",
+    "pooled_vector",
+    "triton_selected",
+]
+
+# How gsp_pool runs on CUDA: torch.compile'd parts, or the hand-written Triton kernels.
+KERNELS = ("compiled", "triton")
 
 _NOT_FINITE = "feature map (or its projection) contains NaN or infinite values"
 
 
-def cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
-    """Distances ``sqrt(2 - 2 cos)`` in [0, 2] between every location and every prototype."""
+def cosines(projected: Tensor, prototypes: Tensor) -> Tensor:
+    """Cosine similarities ``(B, m, n)`` of every location to every prototype."""
     dtype = torch.promote_types(projected.dtype, torch.float32)
     locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
     prototypes = F.normalize(prototypes.to(dtype), dim=1)
-    cosine = torch.einsum("kd,bdn->bkn", prototypes, locations)
-    return (2 - 2 * cosine).clamp_min(1e-12).sqrt()
+    return torch.einsum("kd,bdn->bkn", prototypes, locations)
+
+
+def cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
+    """Distances ``sqrt(2 - 2 cos)`` in [0, 2] between every location and every prototype."""
+    return (2 - 2 * cosines(projected, prototypes)).clamp_min(1e-12).sqrt()
+
+
+def pooled_vector(weights: Tensor, projected: Tensor) -> Tensor:
+    """``mean_i w_i z_i`` over the locations, in at least float32."""
+    flat = projected.flatten(2)
+    embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / flat.shape[2]
+    return embedding.to(torch.promote_types(embedding.dtype, torch.float32))
 
 
 def pooled_outputs(
@@ -39,15 +71,8 @@ def pooled_outputs(
     n = taken.shape[1]
     weights = taken / ratio
     plan = assignment * (taken / n)[:, None, :]
-    flat = projected.flatten(2)
-    embedding = torch.einsum("bn,bdn->bd", weights.to(flat.dtype), flat) / n
     histogram = plan.sum(dim=2) / ratio
-    return (
-        weights,
-        plan,
-        embedding.to(torch.promote_types(embedding.dtype, torch.float32)),
-        histogram,
-    )
+    return weights, plan, pooled_vector(weights, projected), histogram
 
 
 def _costs(projected: Tensor, prototypes: Tensor, *unary: Tensor) -> Tensor:
@@ -106,6 +131,17 @@ def _backward_block(
     return grad_projected + grad_projected_cost, grad_prototypes, *grad_unary, grad_ratio
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device_type``, and its dtype, for :func:`_as_in_forward`."""
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _as_in_forward(ctx, device_type: str) -> torch.autocast:
+    """The forward's autocast state (``ctx.autocast``), so that recomputed steps match it."""
+    enabled, dtype = ctx.autocast
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
 class _GSPPool(torch.autograd.Function):
     """Projected features to GSP weights, plan, embedding and histogram (see module doc)."""
 
@@ -128,25 +164,87 @@ class _GSPPool(torch.autograd.Function):
         z, *pooled = outputs
         ctx.save_for_backward(projected, prototypes, unary, ratio, begun.assignment, z)
         ctx.entropy_weight = entropy_weight
-        ctx.autocast = (
-            torch.is_autocast_enabled(device.type),
-            torch.get_autocast_dtype(device.type),
-        )
+        ctx.autocast = _autocast_state(device.type)
         return tuple(pooled)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         projected, prototypes, unary, ratio, assignment, z = ctx.saved_tensors
         extra = () if unary is None else (unary,)
-        enabled, dtype = ctx.autocast
-        device_type = projected.device.type
-        # Recompute under the forward's autocast state, so that the recomputed steps match.
-        with torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
+        with _as_in_forward(ctx, projected.device.type):
             grad_projected, grad_prototypes, *grad_unary, grad_ratio = fused(
                 _backward_block, projected.device
             )(projected, prototypes, extra, ratio, assignment, z, grads, ctx.entropy_weight)
         grad_unary = grad_unary[0] if grad_unary else None
         return grad_projected, grad_prototypes, grad_unary, grad_ratio.to(ratio.dtype), None
+
+
+class _TritonGSPPool(torch.autograd.Function):
+    """:class:`_GSPPool` with the transport and pooling in two Triton kernels
+    (model/gsp_triton.py); the cosines and the pooled vector stay matrix products."""
+
+    @staticmethod
+    def forward(ctx, projected, prototypes, unary, ratio, entropy_weight):  # see gsp_pool
+        from model.gsp_triton import transport_forward
+
+        flat_unary = None if unary is None else unary.flatten(1)
+        solved = transport_forward(
+            cosines(projected, prototypes), flat_unary, ratio, entropy_weight
+        )
+        checks = DeferredChecks().require(all_finite(projected), _NOT_FINITE)
+        require_valid_transport(checks, solved.finite, solved.in_range, ratio)
+        checks.verify()
+        ctx.save_for_backward(
+            projected, prototypes, flat_unary, ratio, solved.weights, solved.log_mass, solved.offset
+        )
+        ctx.entropy_weight = entropy_weight
+        ctx.unary_shape = None if unary is None else unary.shape
+        ctx.autocast = _autocast_state(projected.device.type)
+        # Gradients of unused outputs arrive as None, so the backward skips their passes.
+        ctx.set_materialize_grads(False)
+        embedding = pooled_vector(solved.weights, projected)
+        return solved.weights, solved.plan, embedding, solved.histogram
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_plan, grad_embedding, grad_histogram):
+        from model.gsp_triton import transport_backward
+
+        projected, prototypes, unary, ratio, weights, log_mass, offset = ctx.saved_tensors
+        with _as_in_forward(ctx, projected.device.type):
+            cosine, pull_cosine = torch.func.vjp(cosines, projected, prototypes)
+            through_pooling = None
+            if grad_embedding is not None:
+                _, pull_pool = torch.func.vjp(pooled_vector, weights, projected)
+                pooled_weights, through_pooling = pull_pool(grad_embedding)
+                grad_weights = (
+                    pooled_weights if grad_weights is None else grad_weights + pooled_weights
+                )
+        if grad_weights is None:
+            grad_weights = torch.zeros_like(weights)
+        grad_cosine, grad_unary, grad_ratio = transport_backward(
+            cosine, unary, ratio, log_mass, offset, grad_weights, grad_plan, grad_histogram,
+            ctx.entropy_weight,
+        )  # fmt: skip
+        grad_projected, grad_prototypes = pull_cosine(grad_cosine.to(cosine.dtype))
+        if through_pooling is not None:
+            grad_projected = grad_projected + through_pooling
+        if grad_unary is not None:
+            grad_unary = grad_unary.reshape(ctx.unary_shape)
+        return grad_projected, grad_prototypes, grad_unary, grad_ratio.to(ratio.dtype), None
+
+
+def triton_selected(device: torch.device, locations: int) -> bool:
+    """Whether :func:`gsp_pool` runs the Triton kernels: on CUDA with ``GSP_KERNEL=triton``
+    (the compiled parts by default, until a GPU measurement says otherwise), for feature maps
+    of at most ``model.gsp_triton.MAX_LOCATIONS`` locations."""
+    choice = os.environ.get("GSP_KERNEL", "compiled")
+    if choice not in KERNELS:
+        raise ValueError(f"GSP_KERNEL must be one of {', '.join(KERNELS)}, got {choice!r}")
+    if choice != "triton" or device.type != "cuda":
+        return False
+    from model.gsp_triton import MAX_LOCATIONS
+
+    return locations <= MAX_LOCATIONS
 
 
 def gsp_pool(
@@ -161,4 +259,6 @@ def gsp_pool(
     ``projected`` ``(B, d, H, W)``; ``ratio`` ``(B,)`` (differentiable); ``unary`` ``(B, H, W)``
     or None.  Raises ``ValueError`` for non-finite features or costs and ratios outside (0, 1].
     """
-    return _GSPPool.apply(projected, prototypes, unary, ratio, float(entropy_weight))
+    locations = projected.shape[2] * projected.shape[3]
+    pool = _TritonGSPPool if triton_selected(projected.device, locations) else _GSPPool
+    return pool.apply(projected, prototypes, unary, ratio, float(entropy_weight))

@@ -34,6 +34,7 @@ __all__ = [
     "begin",
     "finish",
     "implicit_backward",
+    "require_valid_transport",
     "settle",
     "solver_for",
 ]
@@ -213,16 +214,23 @@ class Begun(NamedTuple):
     in_range: Tensor  # every ratio lies in (0, 1]
 
 
+def require_valid_transport(
+    checks: DeferredChecks, finite: Tensor, in_range: Tensor, ratio: Tensor
+) -> None:
+    """Record the transport's input checks: finite costs, every ratio in (0, 1]."""
+    checks.require(finite, "cost contains NaN or infinite values")
+    checks.require(
+        in_range,
+        lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}",
+    )
+
+
 def settle(
     solver: Solver, begun: Begun, ratio: Tensor, checks: DeferredChecks
 ) -> tuple[Tensor, int]:
     """Read the input checks with the first block's convergence flag (one host sync), then run
     further blocks until every row has converged (rare); returns ``u`` and the steps run."""
-    checks.require(begun.finite, "cost contains NaN or infinite values")
-    checks.require(
-        begun.in_range,
-        lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}",
-    )
+    require_valid_transport(checks, begun.finite, begun.in_range, ratio)
     (converged,) = checks.verify(begun.done)
     block = solver.steps_per_check
     u, lo, hi, steps = begun.u, begun.lo, begun.hi, block

@@ -230,8 +230,10 @@ def test_unknown_pooling_name() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["compiled", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast(dtype: torch.dtype) -> None:
+def test_cuda_autocast(dtype: torch.dtype, kernel: str, monkeypatch) -> None:
+    monkeypatch.setenv("GSP_KERNEL", kernel)  # model/gsp_function.py
     layer = GeneralizedSumPooling(64, 32, entropy_weight=100.0).cuda()
     features = torch.randn(8, 64, 14, 14, device="cuda")
     with torch.autocast("cuda", dtype=dtype):

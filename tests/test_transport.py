@@ -194,9 +194,11 @@ def test_compiled_solver_equals_the_eager_one(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
-def test_a_gsp_forward_synchronises_with_the_host_once() -> None:
+@pytest.mark.parametrize("kernel", ["compiled", "triton"])
+def test_a_gsp_forward_synchronises_with_the_host_once(kernel: str, monkeypatch) -> None:
     from model.gsp import GeneralizedSumPooling
 
+    monkeypatch.setenv("GSP_KERNEL", kernel)  # model/gsp_function.py
     layer = GeneralizedSumPooling(64, 32).cuda()
     features = torch.randn(8, 64, 7, 7, device="cuda")
     layer(features)  # compile and warm up

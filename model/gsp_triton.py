@@ -1,0 +1,329 @@
+"""GSP's transport and pooling as two hand-written Triton kernels: one program per image.
+
+On a GPU the compiled layer (model/gsp_function.py) is bound by the host: Inductor emits about
+34 kernels per forward + backward, each launched from Python behind Dynamo's guards. Here,
+after the cosines (one matrix product), the forward is one kernel (costs, assignment, the
+Newton solve run to convergence inside the kernel, plan, weights and histogram) and the
+backward is one more (pooling and implicit-function gradients, see model/solver.py). Selected
+with ``GSP_KERNEL=triton`` (model/gsp_function.py) until a GPU measurement makes it the
+default. Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how the tests check them on any machine.
+
+Every quantity of the solve is float64 inside the kernels, as in the solver; the outputs have
+the cost's precision (at least float32).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["MAX_LOCATIONS", "Solved", "transport_backward", "transport_forward"]
+
+# One program holds a row of locations in registers; beyond this a feature map uses the
+# compiled path.
+MAX_LOCATIONS = 2048
+_MAX_NEWTON_STEPS = 200  # as model/solver.py
+# Elements of one (prototypes x locations) tile: the backward keeps about eight float64 tiles
+# live, which must fit the registers of a program (no spills) at four warps.
+_TILE = 1024
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _costs(cosine_ptr, k, cols, n, inside, unary):
+    """A tile of ``sqrt(max(2 - 2 cos, 1e-12)) + unary`` in float64 (masked entries: sqrt 2)."""
+    cosine = tl.load(cosine_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0)
+    return tl.sqrt(tl.maximum(2.0 - 2.0 * cosine.to(tl.float64), 1e-12)) + unary[None, :]
+
+
+@triton.jit
+def _forward_kernel(
+    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr,
+    weights_ptr, plan_ptr, histogram_ptr, log_mass_ptr, offset_ptr, flags_ptr,
+    m, n,
+    HAS_UNARY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    valid = cols < n
+    cosine_ptr += row * m * n
+    plan_ptr += row * m * n
+    gamma = tl.load(gamma_ptr)
+    unary = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    if HAS_UNARY:
+        unary = tl.load(unary_ptr + row * n + cols, mask=valid, other=0.0).to(tl.float64)
+
+    # Pass 1: each location's nearest prototype and kernel mass, as an online softmax over
+    # prototypes (shifted by the running minimum, so no mass underflows whatever gamma).
+    nearest = tl.full((BLOCK_N,), float("inf"), dtype=tl.float64)
+    mass = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    bad = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for start in range(0, m, BLOCK_M):
+        k = start + tl.arange(0, BLOCK_M)
+        real = (k < m)[:, None]
+        inside = real & valid[None, :]
+        cost = _costs(cosine_ptr, k, cols, n, inside, unary)
+        finite = (cost == cost) & (tl.abs(cost) < float("inf"))
+        bad += tl.sum((inside & ~finite).to(tl.int32), axis=0)
+        tile_nearest = tl.min(tl.where(real, cost, float("inf")), axis=0)
+        shifted = tl.minimum(nearest, tile_nearest)
+        kernel = tl.where(real, tl.exp(gamma * (shifted[None, :] - cost)), 0.0)
+        mass = mass * tl.exp(gamma * (shifted - nearest)) + tl.sum(kernel, axis=0)
+        nearest = shifted
+    log_mass = tl.log(mass) - gamma * nearest
+
+    # The root u of mean_i sigmoid(u + l_i) = mu: model/solver.py's safeguarded Newton, run
+    # until converged here instead of in blocks between host checks.
+    mu = tl.load(ratio_ptr + row).to(tl.float64)
+    saturated = mu >= 1.0
+    target = tl.where(saturated, 0.5, mu)
+    low_ratio = target <= 0.5
+    log_target = tl.where(low_ratio, tl.log(target), tl.log(1.0 - target))
+    logit = tl.log(target) - tl.log(1.0 - target)
+    lowest = tl.min(tl.where(valid, log_mass, float("inf")), axis=0)
+    lo = logit - tl.max(tl.where(valid, log_mass, -float("inf")), axis=0)
+    hi = logit - lowest
+    u = tl.minimum(tl.maximum(logit - tl.sum(tl.where(valid, log_mass, 0.0), axis=0) / n, lo), hi)
+    steps = tl.full([], 0, tl.int32)
+    done = tl.full([], 0, tl.int32)
+    while (steps < MAX_STEPS) & (done == 0):
+        z = u + log_mass
+        taken = tl.where(valid, _sigmoid(z), 0.0)
+        kept = tl.where(valid, _sigmoid(-z), 0.0)
+        taken_total = tl.sum(taken, axis=0)
+        kept_total = tl.sum(kept, axis=0)
+        residual = tl.where(
+            low_ratio,
+            tl.log(taken_total / n) - log_target,
+            log_target - tl.log(kept_total / n),
+        )
+        slope = tl.sum(taken * kept, axis=0) / tl.where(low_ratio, taken_total, kept_total)
+        lo = tl.where(residual <= 0, u, lo)
+        hi = tl.where(residual >= 0, u, hi)
+        # A zero slope (underflow) sends the step outside the bracket: bisection.
+        newton = tl.where(slope > 0, u - residual / slope, lo - 1.0)
+        u_next = tl.where((newton >= lo) & (newton <= hi), newton, 0.5 * (lo + hi))
+        scale = 1e-12 * (1.0 + tl.abs(u))
+        done = ((tl.abs(u_next - u) <= scale) | (hi - lo <= scale)).to(tl.int32)
+        u = u_next
+        steps += 1
+
+    # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
+    offset = tl.where(saturated, 1.0e4 - lowest, u)
+    taken = _sigmoid(offset + log_mass)
+    tl.store(weights_ptr + row * n + cols, taken / mu, mask=valid)
+    tl.store(log_mass_ptr + row * n + cols, log_mass, mask=valid)
+    tl.store(offset_ptr + row, offset)
+
+    # Pass 2: the plan A_ki g_i / n and the histogram sum_i plan_ki / mu.
+    for start in range(0, m, BLOCK_M):
+        k = start + tl.arange(0, BLOCK_M)
+        inside = (k < m)[:, None] & valid[None, :]
+        cost = _costs(cosine_ptr, k, cols, n, inside, unary)
+        assignment = tl.exp(gamma * (nearest[None, :] - cost)) / mass[None, :]
+        plan = tl.where(inside, assignment * (taken / n)[None, :], 0.0)
+        tl.store(plan_ptr + k[:, None] * n + cols[None, :], plan, mask=inside)
+        tl.store(histogram_ptr + row * m + k, tl.sum(plan, axis=1) / mu, mask=k < m)
+
+    finite_costs = tl.sum(bad, axis=0) == 0
+    in_range = (mu > 0) & (mu <= 1)
+    tl.store(flags_ptr + row * 2, finite_costs.to(tl.int32))
+    tl.store(flags_ptr + row * 2 + 1, in_range.to(tl.int32))
+
+
+@triton.jit
+def _backward_kernel(
+    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr, log_mass_ptr, offset_ptr,
+    grad_weights_ptr, grad_plan_ptr, grad_histogram_ptr,
+    grad_cosine_ptr, grad_unary_ptr, grad_ratio_ptr,
+    m, n,
+    HAS_UNARY: tl.constexpr, HAS_GRAD_PLAN: tl.constexpr, HAS_GRAD_HISTOGRAM: tl.constexpr,
+    HAS_PLAN_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    valid = cols < n
+    cosine_ptr += row * m * n
+    grad_plan_ptr += row * m * n
+    grad_cosine_ptr += row * m * n
+    gamma = tl.load(gamma_ptr)
+    unary = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    if HAS_UNARY:
+        unary = tl.load(unary_ptr + row * n + cols, mask=valid, other=0.0).to(tl.float64)
+    log_mass = tl.load(log_mass_ptr + row * n + cols, mask=valid, other=0.0)
+    z = tl.load(offset_ptr + row) + log_mass
+    mu = tl.load(ratio_ptr + row).to(tl.float64)
+    taken = tl.where(valid, _sigmoid(z), 0.0)
+    grad_weights = tl.load(grad_weights_ptr + row * n + cols, mask=valid, other=0.0)
+    grad_weights = grad_weights.to(tl.float64)
+
+    # Pass 1: sum_k G_ki A_ki for the plan's gradient G and the histogram's h (G_ki = h_k / mu).
+    plan_share = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    histogram_share = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    if HAS_PLAN_TERMS:  # a gradient w.r.t. the plan or the histogram
+        for start in range(0, m, BLOCK_M):
+            k = start + tl.arange(0, BLOCK_M)
+            inside = (k < m)[:, None] & valid[None, :]
+            cost = _costs(cosine_ptr, k, cols, n, inside, unary)
+            assignment = tl.where(inside, tl.exp(-gamma * cost - log_mass[None, :]), 0.0)
+            if HAS_GRAD_PLAN:
+                grad_plan = tl.load(
+                    grad_plan_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0
+                )
+                plan_share += tl.sum(grad_plan.to(tl.float64) * assignment, axis=0)
+            if HAS_GRAD_HISTOGRAM:
+                grad_histogram = tl.load(grad_histogram_ptr + row * m + k, mask=k < m, other=0.0)
+                histogram_share += tl.sum(
+                    grad_histogram.to(tl.float64)[:, None] * assignment, axis=0
+                )
+    through_plan = plan_share + histogram_share / mu
+    grad_taken = grad_weights / mu + through_plan / n
+    grad_ratio = -tl.sum(taken * (grad_weights + histogram_share / n), axis=0) / (mu * mu)
+
+    # The transport by the implicit function theorem, s_i = g_i (1 - g_i) in the log domain.
+    log_s = tl.where(valid, -_softplus(-z) - _softplus(z), -float("inf"))
+    share = tl.exp(log_s - tl.max(log_s, axis=0))
+    share = share / tl.sum(share, axis=0)
+    projected = tl.sum(share * grad_taken, axis=0)
+    grad_log_mass = tl.exp(log_s) * (grad_taken - projected)
+    grad_ratio += n * projected
+    inner = taken / n * through_plan
+
+    # Pass 2: d/d cost of log_mass (the assignment A) and of the plan through A (softmax).
+    grad_unary = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for start in range(0, m, BLOCK_M):
+        k = start + tl.arange(0, BLOCK_M)
+        inside = (k < m)[:, None] & valid[None, :]
+        cosine = tl.load(cosine_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        squared = 2.0 - 2.0 * cosine.to(tl.float64)
+        cost = tl.sqrt(tl.maximum(squared, 1e-12)) + unary[None, :]
+        assignment = tl.where(inside, tl.exp(-gamma * cost - log_mass[None, :]), 0.0)
+        grad_assignment = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        if HAS_GRAD_PLAN:
+            grad_plan = tl.load(
+                grad_plan_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0
+            )
+            grad_assignment += grad_plan.to(tl.float64)
+        if HAS_GRAD_HISTOGRAM:
+            grad_histogram = tl.load(grad_histogram_ptr + row * m + k, mask=k < m, other=0.0)
+            grad_assignment += grad_histogram.to(tl.float64)[:, None] / mu
+        grad_assignment = grad_assignment * (taken / n)[None, :]
+        grad_scores = assignment * (grad_log_mass[None, :] + grad_assignment - inner[None, :])
+        grad_cost = tl.where(inside, -gamma * grad_scores, 0.0)
+        grad_unary += tl.sum(grad_cost, axis=0)
+        # d sqrt(2 - 2 cos) / d cos, zero where the clamp at 1e-12 holds.
+        slope = tl.where(squared > 1e-12, -1.0 / tl.sqrt(tl.maximum(squared, 1e-12)), 0.0)
+        tl.store(grad_cosine_ptr + k[:, None] * n + cols[None, :], grad_cost * slope, mask=inside)
+    if HAS_UNARY:
+        tl.store(grad_unary_ptr + row * n + cols, grad_unary, mask=valid)
+    tl.store(grad_ratio_ptr + row, grad_ratio)
+
+
+class Solved(NamedTuple):
+    """What :func:`transport_forward` returns; ``log_mass`` and ``offset`` feed the backward."""
+
+    weights: Tensor  # (B, n): g / mu
+    plan: Tensor  # (B, m, n)
+    histogram: Tensor  # (B, m)
+    log_mass: Tensor  # (B, n) float64: l = logsumexp_k(-gamma c)
+    offset: Tensor  # (B,) float64: z = offset + l
+    finite: Tensor  # 0-dim bool: the costs hold no NaN or infinity
+    in_range: Tensor  # 0-dim bool: every ratio lies in (0, 1]
+
+
+def _blocks(m: int, n: int) -> tuple[int, int, int]:
+    """Tile sizes (prototypes, locations) and warps for one program."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(triton.next_power_of_2(m), _TILE // block_n))
+    return block_m, block_n, 4 if block_n <= 512 else 8
+
+
+def _gamma(entropy_weight: float, device: torch.device) -> Tensor:
+    """``gamma`` as a float64 tensor: a float argument would reach the kernel as float32."""
+    return torch.full((1,), float(entropy_weight), dtype=torch.float64, device=device)
+
+
+def transport_forward(
+    cosine: Tensor, unary: Tensor | None, ratio: Tensor, entropy_weight: float
+) -> Solved:
+    """Solve GSP's transport for cosines ``(B, m, n)`` (costs ``sqrt(2 - 2 cos) + unary``).
+
+    ``unary`` ``(B, n)`` or None; ``ratio`` ``(B,)``. The outputs have the cosines' precision,
+    at least float32.
+    """
+    batch, m, n = cosine.shape
+    if n > MAX_LOCATIONS:
+        raise ValueError(f"the Triton kernels take at most {MAX_LOCATIONS} locations, got {n}")
+    dtype = torch.promote_types(cosine.dtype, torch.float32)
+    device = cosine.device
+    cosine = cosine.contiguous()
+    weights = torch.empty(batch, n, dtype=dtype, device=device)
+    plan = torch.empty(batch, m, n, dtype=dtype, device=device)
+    histogram = torch.empty(batch, m, dtype=dtype, device=device)
+    log_mass = torch.empty(batch, n, dtype=torch.float64, device=device)
+    offset = torch.empty(batch, dtype=torch.float64, device=device)
+    flags = torch.empty(batch, 2, dtype=torch.int32, device=device)
+    block_m, block_n, warps = _blocks(m, n)
+    _forward_kernel[(batch,)](
+        cosine, cosine if unary is None else unary.contiguous(), ratio.contiguous(),
+        _gamma(entropy_weight, device),
+        weights, plan, histogram, log_mass, offset, flags,
+        m, n,
+        HAS_UNARY=unary is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        MAX_STEPS=_MAX_NEWTON_STEPS, num_warps=warps,
+    )  # fmt: skip
+    finite, in_range = flags.all(dim=0)
+    return Solved(weights, plan, histogram, log_mass, offset, finite, in_range)
+
+
+def transport_backward(
+    cosine: Tensor,
+    unary: Tensor | None,
+    ratio: Tensor,
+    log_mass: Tensor,
+    offset: Tensor,
+    grad_weights: Tensor,
+    grad_plan: Tensor | None,
+    grad_histogram: Tensor | None,
+    entropy_weight: float,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients w.r.t. the cosines, the unary cost (None without one) and the ratio (float64),
+    given those w.r.t. the weights (including the pooled vector's share), plan and histogram;
+    ``log_mass`` and ``offset`` are the forward's (:class:`Solved`)."""
+    batch, m, n = cosine.shape
+    device = cosine.device
+    cosine = cosine.contiguous()
+    dtype = torch.promote_types(cosine.dtype, torch.float32)
+    grad_cosine = torch.empty(batch, m, n, dtype=dtype, device=device)
+    grad_unary = None if unary is None else torch.empty(batch, n, dtype=unary.dtype, device=device)
+    grad_ratio = torch.empty(batch, dtype=torch.float64, device=device)
+    block_m, block_n, warps = _blocks(m, n)
+    _backward_kernel[(batch,)](
+        cosine, cosine if unary is None else unary.contiguous(), ratio.contiguous(),
+        _gamma(entropy_weight, device), log_mass, offset,
+        grad_weights.contiguous(),
+        cosine if grad_plan is None else grad_plan.contiguous(),
+        cosine if grad_histogram is None else grad_histogram.contiguous(),
+        grad_cosine, grad_cosine if grad_unary is None else grad_unary, grad_ratio,
+        m, n,
+        HAS_UNARY=unary is not None, HAS_GRAD_PLAN=grad_plan is not None,
+        HAS_GRAD_HISTOGRAM=grad_histogram is not None,
+        HAS_PLAN_TERMS=grad_plan is not None or grad_histogram is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+    return grad_cosine, grad_unary, grad_ratio
