@@ -13,7 +13,9 @@
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
 # tests, service, profile, step, omp, symbolic; default: the first four). With compilation the
 # four take up to 10 minutes, more than one device call may run. Within 15 minutes of device
-# time: `layer symbolic service` first (about 7 minutes), then `tests` (about 5).
+# time: `layer symbolic service` first (about 8 minutes), then `tests` (about 6).
+# `layer` times the layer both ways it runs on CUDA: compiled parts (default) and the Triton
+# kernels (GSP_KERNEL=triton); `tests` runs the kernels' exactness tests natively there.
 # Results go to $OUT.  `omp` reruns the service benchmark at c=1 and 32 with one OpenMP thread,
 # to test whether CPU kernel thread pools are behind the GPU box's unexplained c=1 overhead.
 # `symbolic` reruns the layer benchmark with every size symbolic from the start (dynamic=True,
@@ -33,13 +35,16 @@ for section in $sections; do
     case $section in
     layer)
         echo "== gsp_layer"
-        timeout 130 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 \
+        timeout 180 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 \
             | grep -v -E "$quiet" | tee "$OUT/gsp_layer.txt" ;;
     tests)
         echo "== gpu tests"
         timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore \
             tests/test_transport.py tests/test_gsp.py tests/test_net.py tests/test_gallery.py \
-            tests/test_service_api.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+            tests/test_service_api.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+        echo "== the Triton kernels' tests, on the GPU"
+        timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_gsp_triton.py \
+            2>&1 | tail -15 | tee "$OUT/triton_tests.txt" ;;
     service)
         echo "== service"
         timeout 150 python3 bench/service.py --device cuda --requests 320 --max-seconds 10 2>&1 \

@@ -1,12 +1,15 @@
 """Benchmark of the GSP layer: cost, solver speed and exactness, training step, memory.
 
 Everything is measured side by side in one run and printed as ratios, because the machines are
-shared and noisy.  Run ``python bench/gsp_layer.py --device cpu`` (or ``cuda``).
+shared and noisy.  Run ``python bench/gsp_layer.py --device cpu`` (or ``cuda``).  On CUDA the
+layer is timed both ways it can run there (model/gsp_function.py): its compiled parts (the
+default) and the hand-written Triton kernels (``GSP_KERNEL=triton``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -61,6 +64,37 @@ def interleaved(fns: dict[str, Callable[[], object]], device, repeats: int) -> d
     return {name: min(values) for name, values in results.items()}
 
 
+def on_kernels(kernel: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with ``GSP_KERNEL=kernel``: how the layer runs on CUDA."""
+
+    def run() -> None:
+        previous = os.environ.get("GSP_KERNEL")
+        os.environ["GSP_KERNEL"] = kernel
+        try:
+            fn()
+        finally:
+            if previous is None:
+                del os.environ["GSP_KERNEL"]
+            else:
+                os.environ["GSP_KERNEL"] = previous
+
+    return run
+
+
+def both_kernels(name: str, fn: Callable[[], None], device: torch.device) -> dict[str, Callable]:
+    """``{name: fn}`` on a CPU; on CUDA ``fn`` on the compiled parts and, as ``name +
+    " triton"``, on the Triton kernels (left out, with the error printed, if they fail)."""
+    if device.type != "cuda":
+        return {name: fn}
+    runs = {name: on_kernels("compiled", fn)}
+    try:
+        on_kernels("triton", fn)()
+    except Exception as error:  # report and measure the rest
+        print(f"   the Triton kernels failed: {error!r}")
+        return runs
+    return {**runs, f"{name} triton": on_kernels("triton", fn)}
+
+
 def fresh_compiles() -> None:
     """Forget every compiled graph, so that the next configuration compiles for its own sizes
     as a training job of that shape would (on CUDA the layer's parts are compiled for the first
@@ -83,11 +117,17 @@ def layer_against_cost_matrix(device: torch.device, repeats: int) -> None:
         def cost_only(layer=layer, features=features) -> None:
             layer.costs(layer.projection(features)).sum().backward()
 
-        t = interleaved({"layer": whole_layer, "cost": cost_only}, device, repeats)
+        runs = {**both_kernels("layer", whole_layer, device), "cost": cost_only}
+        t = interleaved(runs, device, repeats)
         print(
             f"   n={side * side:4d}: layer {t['layer']:8.2f} ms, projection+cost "
             f"{t['cost']:8.2f} ms, ratio {t['layer'] / t['cost']:.2f}x (target <= 1.5x)"
         )
+        if "layer triton" in t:
+            print(
+                f"   n={side * side:4d}: layer on the Triton kernels {t['layer triton']:8.2f} ms, "
+                f"ratio {t['layer triton'] / t['cost']:.2f}x (target <= 1.5x)"
+            )
         solve_share(layer, features, device, repeats)
 
 
@@ -194,7 +234,7 @@ def resnet_steps(device: torch.device) -> dict[str, Callable[[], None]]:
             torch.nn.functional.normalize(embedding, dim=1).sum().backward()
             optimizer.step()
 
-        steps[pooling] = step
+        steps.update(both_kernels(pooling, step, device) if pooling == "gsp" else {"gap": step})
     return steps
 
 
@@ -206,6 +246,11 @@ def training_step(device: torch.device, repeats: int) -> None:
         f"   GSP {t['gsp']:.1f} ms, GAP {t['gap']:.1f} ms, ratio {t['gsp'] / t['gap']:.3f}x "
         "(target <= 1.05x)"
     )
+    if "gsp triton" in t:
+        print(
+            f"   GSP on the Triton kernels {t['gsp triton']:.1f} ms, "
+            f"ratio {t['gsp triton'] / t['gap']:.3f}x (target <= 1.05x)"
+        )
 
 
 def profile_training_step(device: torch.device, steps: int = 5) -> None:
@@ -225,9 +270,9 @@ def profile_training_step(device: torch.device, steps: int = 5) -> None:
             f"   {name}: {wall:.1f} ms per step; device kernels {kernels_us / steps / 1e3:.1f} "
             f"ms; host blocked in synchronisations {blocked_us / steps / 1e3:.1f} ms"
         )
-        if name == "gsp":
-            gsp_events = events
-    print(gsp_events.table(sort_by="self_cpu_time_total", row_limit=25))
+        if name.startswith("gsp"):
+            print(f"   {name}: operators by host time")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
