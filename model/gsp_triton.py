@@ -29,7 +29,8 @@ __all__ = ["MAX_LOCATIONS", "Solved", "transport_backward", "transport_forward"]
 MAX_LOCATIONS = 2048
 _MAX_NEWTON_STEPS = 200  # as model/solver.py
 # Elements of one (prototypes x locations) tile: the backward keeps about eight float64 tiles
-# live, which must fit the registers of a program (no spills) at four warps.
+# live, which must fit a program's registers (8192 spills hundreds of bytes per thread; the
+# compile test in tests/test_gsp_triton.py checks).
 _TILE = 1024
 
 

@@ -65,6 +65,84 @@ def test_the_kernels_run_on_cuda_when_gsp_kernel_is_triton(monkeypatch) -> None:
         gsp_function.triton_selected(cpu, 49)
 
 
+# Pointer arguments that are float64 whatever the input precision (model/gsp_triton.py).
+_FLOAT64_POINTERS = {"ratio_ptr", "gamma_ptr", "log_mass_ptr", "offset_ptr", "grad_ratio_ptr"}
+
+
+def cubin_for(kernel, arch: int, dtype: str, constants: dict[str, object], warps: int) -> bytes:
+    """``kernel`` compiled for ``sm_<arch>`` as the launch wrappers would launch it, for
+    ``dtype`` cosines (Triton's own compiler and ptxas: no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    work = "fp64" if dtype == "fp64" else "fp32"
+    signature = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        elif param.name in ("m", "n"):
+            signature[param.name] = "i32"
+        elif param.name == "flags_ptr":
+            signature[param.name] = "*i32"
+        elif param.name in _FLOAT64_POINTERS:
+            signature[param.name] = "*fp64"
+        elif param.name in ("cosine_ptr", "unary_ptr"):
+            signature[param.name] = f"*{dtype}"
+        else:
+            signature[param.name] = f"*{work}"
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constants),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps},
+    )
+    return compiled.asm["cubin"]
+
+
+def resource_usage(cubin: bytes, tmp_path: Path) -> dict[str, int]:
+    """Registers and stack bytes (where spills go) per thread, as ``cuobjdump`` reports them."""
+    import triton
+
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    report = subprocess.run(
+        [str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", report)}
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the kernels")
+@pytest.mark.skipif(DEVICE == "cuda", reason="the kernel tests below compile them for this GPU")
+@pytest.mark.parametrize("arch", [80, 90])  # A100, H100
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize(("m", "n"), [(64, 49), (64, 196), (256, MAX_LOCATIONS)])
+def test_the_kernels_compile_for_a_gpu_without_spilling(
+    arch: int, dtype: str, m: int, n: int, tmp_path: Path
+) -> None:
+    from model import gsp_triton
+
+    block_m, block_n, warps = gsp_triton._blocks(m, n)
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    forward = {"HAS_UNARY": True, "MAX_STEPS": 200, **blocks}
+    backward = {
+        "HAS_UNARY": True,
+        "HAS_GRAD_PLAN": True,
+        "HAS_GRAD_HISTOGRAM": True,
+        "HAS_PLAN_TERMS": True,
+        **blocks,
+    }
+    for kernel, constants in (
+        (gsp_triton._forward_kernel, forward),
+        (gsp_triton._backward_kernel, backward),
+    ):
+        usage = resource_usage(cubin_for(kernel, arch, dtype, constants, warps), tmp_path)
+        # A few spilled values at most (ptxas's choice); a tile too large for the registers
+        # spills hundreds of bytes per thread.
+        assert usage["STACK"] <= 64, usage
+        assert 0 < usage["REG"] <= 255, usage
+
+
 def cosines_for(cost: torch.Tensor) -> torch.Tensor:
     """Cosines whose costs ``sqrt(2 - 2 cos)`` are ``cost``."""
     return 1 - cost.double() ** 2 / 2
