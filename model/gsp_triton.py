@@ -15,6 +15,7 @@ the cost's precision (at least float32).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -254,9 +255,12 @@ def _blocks(m: int, n: int) -> tuple[int, int, int]:
     return block_m, block_n, 4 if block_n <= 512 else 8
 
 
+@functools.lru_cache(maxsize=64)
 def _gamma(entropy_weight: float, device: torch.device) -> Tensor:
-    """``gamma`` as a float64 tensor: a float argument would reach the kernel as float32."""
-    return torch.full((1,), float(entropy_weight), dtype=torch.float64, device=device)
+    """``gamma`` as a float64 tensor (a float argument would reach the kernel as float32),
+    made once per value and device rather than filled on every call."""
+    with torch.inference_mode(False):
+        return torch.full((1,), float(entropy_weight), dtype=torch.float64, device=device)
 
 
 def transport_forward(
