@@ -46,6 +46,15 @@ def _softplus(x):
 
 
 @triton.jit
+def _unary_row(unary_ptr, row, cols, n, HAS_UNARY: tl.constexpr):
+    """A row's unary costs in float64; zeros without them."""
+    unary = tl.zeros_like(cols).to(tl.float64)
+    if HAS_UNARY:
+        unary = tl.load(unary_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float64)
+    return unary
+
+
+@triton.jit
 def _costs(cosine_ptr, k, cols, n, inside, unary):
     """A tile of ``sqrt(max(2 - 2 cos, 1e-12)) + unary`` in float64 (masked entries: sqrt 2)."""
     cosine = tl.load(cosine_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0)
@@ -66,9 +75,7 @@ def _forward_kernel(
     cosine_ptr += row * m * n
     plan_ptr += row * m * n
     gamma = tl.load(gamma_ptr)
-    unary = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    if HAS_UNARY:
-        unary = tl.load(unary_ptr + row * n + cols, mask=valid, other=0.0).to(tl.float64)
+    unary = _unary_row(unary_ptr, row, cols, n, HAS_UNARY)
 
     # Pass 1: each location's nearest prototype and kernel mass, as an online softmax over
     # prototypes (shifted by the running minimum, so no mass underflows whatever gamma).
@@ -164,9 +171,7 @@ def _backward_kernel(
     grad_plan_ptr += row * m * n
     grad_cosine_ptr += row * m * n
     gamma = tl.load(gamma_ptr)
-    unary = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    if HAS_UNARY:
-        unary = tl.load(unary_ptr + row * n + cols, mask=valid, other=0.0).to(tl.float64)
+    unary = _unary_row(unary_ptr, row, cols, n, HAS_UNARY)
     log_mass = tl.load(log_mass_ptr + row * n + cols, mask=valid, other=0.0)
     z = tl.load(offset_ptr + row) + log_mass
     mu = tl.load(ratio_ptr + row).to(tl.float64)
