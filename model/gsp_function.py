@@ -19,6 +19,7 @@ from torch import Tensor
 from model.checks import DeferredChecks, all_finite
 from model.compiling import fused
 from model.solver import (
+    NON_FINITE_COST,
     Begun,
     begin,
     finish,
@@ -191,8 +192,13 @@ class _TritonGSPPool(torch.autograd.Function):
         solved = transport_forward(
             cosines(projected, prototypes), flat_unary, ratio, entropy_weight
         )
-        checks = DeferredChecks().require(all_finite(projected), _NOT_FINITE)
-        require_valid_transport(checks, solved.finite, solved.in_range, ratio)
+        # Cosines are NaN exactly where the features or the prototypes are not finite; which
+        # one is looked up only then, and reported as the compiled path reports it.
+        checks = DeferredChecks().require(
+            solved.finite_cosines,
+            lambda: _NOT_FINITE if not all_finite(projected) else NON_FINITE_COST,
+        )
+        require_valid_transport(checks, solved.finite_unary, solved.in_range, ratio)
         checks.verify()
         ctx.save_for_backward(
             projected, prototypes, flat_unary, ratio, solved.weights, solved.log_mass, solved.offset

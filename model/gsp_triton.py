@@ -55,10 +55,28 @@ def _unary_row(unary_ptr, row, cols, n, HAS_UNARY: tl.constexpr):
 
 
 @triton.jit
-def _costs(cosine_ptr, k, cols, n, inside, unary):
-    """A tile of ``sqrt(max(2 - 2 cos, 1e-12)) + unary`` in float64 (masked entries: sqrt 2)."""
+def _finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _cosine_tile(cosine_ptr, k, cols, n, inside):
+    """A (prototypes x locations) tile of cosines in float64; masked entries 0."""
     cosine = tl.load(cosine_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0)
-    return tl.sqrt(tl.maximum(2.0 - 2.0 * cosine.to(tl.float64), 1e-12)) + unary[None, :]
+    return cosine.to(tl.float64)
+
+
+@triton.jit
+def _cost_of(cosine, unary):
+    """``sqrt(max(2 - 2 cos, 1e-12)) + unary``. A GPU's maximum drops NaN, so the forward
+    checks the cosines themselves for NaN and infinity."""
+    return tl.sqrt(tl.maximum(2.0 - 2.0 * cosine, 1e-12)) + unary[None, :]
+
+
+@triton.jit
+def _costs(cosine_ptr, k, cols, n, inside, unary):
+    """A tile of costs in float64 (masked entries: sqrt 2)."""
+    return _cost_of(_cosine_tile(cosine_ptr, k, cols, n, inside), unary)
 
 
 @triton.jit
@@ -81,14 +99,14 @@ def _forward_kernel(
     # prototypes (shifted by the running minimum, so no mass underflows whatever gamma).
     nearest = tl.full((BLOCK_N,), float("inf"), dtype=tl.float64)
     mass = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    bad = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    bad_cosines = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for start in range(0, m, BLOCK_M):
         k = start + tl.arange(0, BLOCK_M)
         real = (k < m)[:, None]
         inside = real & valid[None, :]
-        cost = _costs(cosine_ptr, k, cols, n, inside, unary)
-        finite = (cost == cost) & (tl.abs(cost) < float("inf"))
-        bad += tl.sum((inside & ~finite).to(tl.int32), axis=0)
+        cosine = _cosine_tile(cosine_ptr, k, cols, n, inside)
+        bad_cosines += tl.sum((inside & ~_finite(cosine)).to(tl.int32), axis=0)
+        cost = _cost_of(cosine, unary)
         tile_nearest = tl.min(tl.where(real, cost, float("inf")), axis=0)
         shifted = tl.minimum(nearest, tile_nearest)
         kernel = tl.where(real, tl.exp(gamma * (shifted[None, :] - cost)), 0.0)
@@ -149,10 +167,13 @@ def _forward_kernel(
         tl.store(plan_ptr + k[:, None] * n + cols[None, :], plan, mask=inside)
         tl.store(histogram_ptr + row * m + k, tl.sum(plan, axis=1) / mu, mask=k < m)
 
-    finite_costs = tl.sum(bad, axis=0) == 0
+    # The input checks: finite cosines (features and prototypes), finite unary costs, mu in (0, 1].
+    finite_cosines = tl.sum(bad_cosines, axis=0) == 0
+    finite_unary = tl.sum((valid & ~_finite(unary)).to(tl.int32), axis=0) == 0
     in_range = (mu > 0) & (mu <= 1)
-    tl.store(flags_ptr + row * 2, finite_costs.to(tl.int32))
-    tl.store(flags_ptr + row * 2 + 1, in_range.to(tl.int32))
+    tl.store(flags_ptr + row * 3, finite_cosines.to(tl.int32))
+    tl.store(flags_ptr + row * 3 + 1, finite_unary.to(tl.int32))
+    tl.store(flags_ptr + row * 3 + 2, in_range.to(tl.int32))
 
 
 @triton.jit
@@ -216,9 +237,9 @@ def _backward_kernel(
     for start in range(0, m, BLOCK_M):
         k = start + tl.arange(0, BLOCK_M)
         inside = (k < m)[:, None] & valid[None, :]
-        cosine = tl.load(cosine_ptr + k[:, None] * n + cols[None, :], mask=inside, other=0.0)
-        squared = 2.0 - 2.0 * cosine.to(tl.float64)
-        cost = tl.sqrt(tl.maximum(squared, 1e-12)) + unary[None, :]
+        cosine = _cosine_tile(cosine_ptr, k, cols, n, inside)
+        squared = 2.0 - 2.0 * cosine
+        cost = _cost_of(cosine, unary)
         assignment = tl.where(inside, tl.exp(-gamma * cost - log_mass[None, :]), 0.0)
         grad_assignment = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         if HAS_GRAD_PLAN:
@@ -249,7 +270,8 @@ class Solved(NamedTuple):
     histogram: Tensor  # (B, m)
     log_mass: Tensor  # (B, n) float64: l = logsumexp_k(-gamma c)
     offset: Tensor  # (B,) float64: z = offset + l
-    finite: Tensor  # 0-dim bool: the costs hold no NaN or infinity
+    finite_cosines: Tensor  # 0-dim bool: no NaN or infinity in the cosines
+    finite_unary: Tensor  # 0-dim bool: no NaN or infinity in the unary costs
     in_range: Tensor  # 0-dim bool: every ratio lies in (0, 1]
 
 
@@ -287,7 +309,7 @@ def transport_forward(
     histogram = torch.empty(batch, m, dtype=dtype, device=device)
     log_mass = torch.empty(batch, n, dtype=torch.float64, device=device)
     offset = torch.empty(batch, dtype=torch.float64, device=device)
-    flags = torch.empty(batch, 2, dtype=torch.int32, device=device)
+    flags = torch.empty(batch, 3, dtype=torch.int32, device=device)
     block_m, block_n, warps = _blocks(m, n)
     _forward_kernel[(batch,)](
         cosine, cosine if unary is None else unary.contiguous(), ratio.contiguous(),
@@ -297,8 +319,7 @@ def transport_forward(
         HAS_UNARY=unary is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         MAX_STEPS=_MAX_NEWTON_STEPS, num_warps=warps,
     )  # fmt: skip
-    finite, in_range = flags.all(dim=0)
-    return Solved(weights, plan, histogram, log_mass, offset, finite, in_range)
+    return Solved(weights, plan, histogram, log_mass, offset, *flags.all(dim=0))
 
 
 def transport_backward(

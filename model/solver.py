@@ -29,6 +29,7 @@ from model.compiling import fused
 
 __all__ = [
     "EAGER",
+    "NON_FINITE_COST",
     "Begun",
     "Solver",
     "begin",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 _MAX_NEWTON_STEPS = 200
+NON_FINITE_COST = "cost contains NaN or infinite values"
 # Large enough that sigmoid(u + l) is exactly 1 in float64 for every location: the mu = 1 case.
 _SATURATED_OFFSET = 1.0e4
 
@@ -218,7 +220,7 @@ def require_valid_transport(
     checks: DeferredChecks, finite: Tensor, in_range: Tensor, ratio: Tensor
 ) -> None:
     """Record the transport's input checks: finite costs, every ratio in (0, 1]."""
-    checks.require(finite, "cost contains NaN or infinite values")
+    checks.require(finite, NON_FINITE_COST)
     checks.require(
         in_range,
         lambda: f"transport_ratio must lie in (0, 1], got {ratio.detach().cpu().tolist()}",

@@ -279,6 +279,8 @@ def test_the_layer_runs_on_the_kernels_when_selected(monkeypatch) -> None:
     ("change", "message"),
     [
         ("nan features", "feature map .* NaN or infinite"),
+        ("inf features", "feature map .* NaN or infinite"),
+        ("nan prototypes", "cost contains NaN or infinite"),
         ("inf unary", "cost contains NaN or infinite"),
         ("ratio 0", r"transport_ratio must lie in \(0, 1\]"),
         ("ratio 1.5", r"transport_ratio must lie in \(0, 1\]"),
@@ -288,6 +290,10 @@ def test_bad_input_gets_the_compiled_paths_errors(change: str, message: str) -> 
     projected, prototypes, unary, ratio = layer_inputs()
     if change == "nan features":
         projected[1, 2, 0, 0] = float("nan")
+    elif change == "inf features":
+        projected[2, 0, 1, 2] = -float("inf")
+    elif change == "nan prototypes":
+        prototypes[3, 1] = float("nan")
     elif change == "inf unary":
         unary[0, 1, 1] = float("inf")
     else:
