@@ -187,7 +187,7 @@ def test_forward_matches_converged_fixed_point(n: int, m: int, gamma: float) -> 
     assert (plan - exact_plan).abs().max() < 1e-12
     assert (residual - exact_residual).abs().max() < 1e-12
     assert torch.allclose(solved.histogram.cpu(), plan.sum(2) / ratios[:, None], atol=1e-14)
-    assert bool(solved.finite) and bool(solved.in_range)
+    assert bool(solved.finite_cosines) and bool(solved.finite_unary) and bool(solved.in_range)
 
 
 def layer_inputs(batch: int = 3, d: int = 5, m: int = 4, side: int = 3, seed: int = 0):
