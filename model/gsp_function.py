@@ -50,7 +50,9 @@ def cosines(projected: Tensor, prototypes: Tensor) -> Tensor:
     dtype = torch.promote_types(projected.dtype, torch.float32)
     locations = F.normalize(projected.flatten(2).to(dtype), dim=1)
     prototypes = F.normalize(prototypes.to(dtype), dim=1)
-    return torch.einsum("kd,bdn->bkn", prototypes, locations)
+    # (m, d) @ (B, d, n) broadcasts to one batched product whose (B, m, n) result is already
+    # contiguous (an einsum here permutes its operands and its result into copies).
+    return torch.matmul(prototypes, locations)
 
 
 def cosine_costs(projected: Tensor, prototypes: Tensor) -> Tensor:
@@ -182,15 +184,16 @@ class _GSPPool(torch.autograd.Function):
 
 class _TritonGSPPool(torch.autograd.Function):
     """:class:`_GSPPool` with the transport and pooling in two Triton kernels
-    (model/gsp_triton.py); the cosines and the pooled vector stay matrix products."""
+    (model/gsp_triton.py); the cosines stay a matrix product."""
 
     @staticmethod
     def forward(ctx, projected, prototypes, unary, ratio, entropy_weight):  # see gsp_pool
         from model.gsp_triton import transport_forward
 
         flat_unary = None if unary is None else unary.flatten(1)
+        flat = projected.flatten(2)
         solved = transport_forward(
-            cosines(projected, prototypes), flat_unary, ratio, entropy_weight
+            cosines(projected, prototypes), flat_unary, ratio, flat, entropy_weight
         )
         # Cosines are NaN exactly where the features or the prototypes are not finite; which
         # one is looked up only then, and reported as the compiled path reports it.
@@ -201,39 +204,30 @@ class _TritonGSPPool(torch.autograd.Function):
         require_valid_transport(checks, solved.finite_unary, solved.in_range, ratio)
         checks.verify()
         ctx.save_for_backward(
-            projected, prototypes, flat_unary, ratio, solved.weights, solved.log_mass, solved.offset
+            projected, prototypes, flat_unary, ratio, solved.log_mass, solved.offset
         )
         ctx.entropy_weight = entropy_weight
         ctx.unary_shape = None if unary is None else unary.shape
         ctx.autocast = _autocast_state(projected.device.type)
         # Gradients of unused outputs arrive as None, so the backward skips their passes.
         ctx.set_materialize_grads(False)
-        embedding = pooled_vector(solved.weights, projected)
-        return solved.weights, solved.plan, embedding, solved.histogram
+        return solved.weights, solved.plan, solved.embedding, solved.histogram
 
     @staticmethod
     def backward(ctx, grad_weights, grad_plan, grad_embedding, grad_histogram):
-        from model.gsp_triton import transport_backward
+        from model.gsp_triton import Upstream, transport_backward
 
-        projected, prototypes, unary, ratio, weights, log_mass, offset = ctx.saved_tensors
+        projected, prototypes, unary, ratio, log_mass, offset = ctx.saved_tensors
         with _as_in_forward(ctx, projected.device.type):
             cosine, pull_cosine = torch.func.vjp(cosines, projected, prototypes)
-            through_pooling = None
-            if grad_embedding is not None:
-                _, pull_pool = torch.func.vjp(pooled_vector, weights, projected)
-                pooled_weights, through_pooling = pull_pool(grad_embedding)
-                grad_weights = (
-                    pooled_weights if grad_weights is None else grad_weights + pooled_weights
-                )
-        if grad_weights is None:
-            grad_weights = torch.zeros_like(weights)
-        grad_cosine, grad_unary, grad_ratio = transport_backward(
-            cosine, unary, ratio, log_mass, offset, grad_weights, grad_plan, grad_histogram,
+        upstream = Upstream(grad_weights, grad_plan, grad_embedding, grad_histogram)
+        grad_cosine, through_pooling, grad_unary, grad_ratio = transport_backward(
+            cosine, unary, ratio, projected.flatten(2), log_mass, offset, upstream,
             ctx.entropy_weight,
         )  # fmt: skip
         grad_projected, grad_prototypes = pull_cosine(grad_cosine.to(cosine.dtype))
         if through_pooling is not None:
-            grad_projected = grad_projected + through_pooling
+            grad_projected = grad_projected + through_pooling.view_as(grad_projected)
         if grad_unary is not None:
             grad_unary = grad_unary.reshape(ctx.unary_shape)
         return grad_projected, grad_prototypes, grad_unary, grad_ratio.to(ratio.dtype), None

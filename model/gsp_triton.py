@@ -3,14 +3,15 @@
 On a GPU the compiled layer (model/gsp_function.py) is bound by the host: Inductor emits about
 34 kernels per forward + backward, each launched from Python behind Dynamo's guards. Here,
 after the cosines (one matrix product), the forward is one kernel (costs, assignment, the
-Newton solve run to convergence inside the kernel, plan, weights and histogram) and the
-backward is one more (pooling and implicit-function gradients, see model/solver.py). Selected
-with ``GSP_KERNEL=triton`` (model/gsp_function.py) until a GPU measurement makes it the
-default. Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``),
-which is how the tests check them on any machine.
+Newton solve run to convergence inside the kernel, plan, weights, histogram, the pooled vector
+and the input checks) and the backward is one more (pooling and implicit-function gradients,
+see model/solver.py). Selected with ``GSP_KERNEL=triton`` (model/gsp_function.py) until a GPU
+measurement makes it the default. Without a GPU the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the tests check them on any machine, and Triton's
+compiler checks that they build for real GPUs (tests/test_gsp_triton.py).
 
-Every quantity of the solve is float64 inside the kernels, as in the solver; the outputs have
-the cost's precision (at least float32).
+Everything inside the kernels is float64, as in the solver; the outputs have the inputs'
+precision (at least float32).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_LOCATIONS", "Solved", "transport_backward", "transport_forward"]
+__all__ = ["MAX_LOCATIONS", "Solved", "Upstream", "transport_backward", "transport_forward"]
 
 # One program holds a row of locations in registers; beyond this a feature map uses the
 # compiled path.
@@ -33,6 +34,8 @@ _MAX_NEWTON_STEPS = 200  # as model/solver.py
 # live, which must fit a program's registers (8192 spills hundreds of bytes per thread; the
 # compile test in tests/test_gsp_triton.py checks).
 _TILE = 1024
+# The pooled vector's loop over channels keeps two tiles live: it can take larger ones.
+_FEATURE_TILE = 4096
 
 
 @triton.jit
@@ -67,6 +70,13 @@ def _cosine_tile(cosine_ptr, k, cols, n, inside):
 
 
 @triton.jit
+def _feature_tile(projected_ptr, channels, cols, n, inside):
+    """A (channels x locations) tile of projected features in float64; masked entries 0."""
+    offsets = channels[:, None] * n + cols[None, :]
+    return tl.load(projected_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
+
+
+@triton.jit
 def _cost_of(cosine, unary):
     """``sqrt(max(2 - 2 cos, 1e-12)) + unary``. A GPU's maximum drops NaN, so the forward
     checks the cosines themselves for NaN and infinity."""
@@ -81,11 +91,11 @@ def _costs(cosine_ptr, k, cols, n, inside, unary):
 
 @triton.jit
 def _forward_kernel(
-    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr,
-    weights_ptr, plan_ptr, histogram_ptr, log_mass_ptr, offset_ptr, flags_ptr,
-    m, n,
+    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr, projected_ptr,
+    weights_ptr, plan_ptr, histogram_ptr, embedding_ptr, log_mass_ptr, offset_ptr, flags_ptr,
+    m, n, d,
     HAS_UNARY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MAX_STEPS: tl.constexpr,
+    BLOCK_D: tl.constexpr, MAX_STEPS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -152,10 +162,20 @@ def _forward_kernel(
 
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
     offset = tl.where(saturated, 1.0e4 - lowest, u)
-    taken = _sigmoid(offset + log_mass)
-    tl.store(weights_ptr + row * n + cols, taken / mu, mask=valid)
+    taken = tl.where(valid, _sigmoid(offset + log_mass), 0.0)
+    weights = taken / mu
+    tl.store(weights_ptr + row * n + cols, weights, mask=valid)
     tl.store(log_mass_ptr + row * n + cols, log_mass, mask=valid)
     tl.store(offset_ptr + row, offset)
+
+    # The pooled vector mean_i w_i z_i, over the channels in blocks.
+    projected_ptr += row * d * n
+    for start in range(0, d, BLOCK_D):
+        channels = start + tl.arange(0, BLOCK_D)
+        inside = (channels < d)[:, None] & valid[None, :]
+        features = _feature_tile(projected_ptr, channels, cols, n, inside)
+        pooled = tl.sum(features * weights[None, :], axis=1) / n
+        tl.store(embedding_ptr + row * d + channels, pooled, mask=channels < d)
 
     # Pass 2: the plan A_ki g_i / n and the histogram sum_i plan_ki / mu.
     for start in range(0, m, BLOCK_M):
@@ -178,12 +198,14 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr, log_mass_ptr, offset_ptr,
-    grad_weights_ptr, grad_plan_ptr, grad_histogram_ptr,
-    grad_cosine_ptr, grad_unary_ptr, grad_ratio_ptr,
-    m, n,
-    HAS_UNARY: tl.constexpr, HAS_GRAD_PLAN: tl.constexpr, HAS_GRAD_HISTOGRAM: tl.constexpr,
-    HAS_PLAN_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    cosine_ptr, unary_ptr, ratio_ptr, gamma_ptr, log_mass_ptr, offset_ptr, projected_ptr,
+    grad_weights_ptr, grad_plan_ptr, grad_histogram_ptr, grad_embedding_ptr,
+    grad_cosine_ptr, grad_unary_ptr, grad_ratio_ptr, grad_projected_ptr,
+    m, n, d,
+    HAS_UNARY: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_PLAN: tl.constexpr,
+    HAS_GRAD_HISTOGRAM: tl.constexpr, HAS_PLAN_TERMS: tl.constexpr,
+    HAS_GRAD_EMBEDDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -197,8 +219,26 @@ def _backward_kernel(
     z = tl.load(offset_ptr + row) + log_mass
     mu = tl.load(ratio_ptr + row).to(tl.float64)
     taken = tl.where(valid, _sigmoid(z), 0.0)
-    grad_weights = tl.load(grad_weights_ptr + row * n + cols, mask=valid, other=0.0)
-    grad_weights = grad_weights.to(tl.float64)
+    grad_weights = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    if HAS_GRAD_WEIGHTS:
+        grad_weights += tl.load(grad_weights_ptr + row * n + cols, mask=valid, other=0.0)
+
+    # Pass 0, through the pooled vector mean_i w_i z_i: to the weights, and to the features.
+    if HAS_GRAD_EMBEDDING:
+        projected_ptr += row * d * n
+        grad_projected_ptr += row * d * n
+        for start in range(0, d, BLOCK_D):
+            channels = start + tl.arange(0, BLOCK_D)
+            inside = (channels < d)[:, None] & valid[None, :]
+            features = _feature_tile(projected_ptr, channels, cols, n, inside)
+            grad_pooled = tl.load(grad_embedding_ptr + row * d + channels, mask=channels < d)
+            grad_pooled = grad_pooled.to(tl.float64)[:, None] / n
+            grad_weights += tl.sum(features * grad_pooled, axis=0)
+            tl.store(
+                grad_projected_ptr + channels[:, None] * n + cols[None, :],
+                grad_pooled * (taken / mu)[None, :],
+                mask=inside,
+            )
 
     # Pass 1: sum_k G_ki A_ki for the plan's gradient G and the histogram's h (G_ki = h_k / mu).
     plan_share = tl.zeros((BLOCK_N,), dtype=tl.float64)
@@ -267,6 +307,7 @@ class Solved(NamedTuple):
 
     weights: Tensor  # (B, n): g / mu
     plan: Tensor  # (B, m, n)
+    embedding: Tensor  # (B, d): mean_i w_i z_i
     histogram: Tensor  # (B, m)
     log_mass: Tensor  # (B, n) float64: l = logsumexp_k(-gamma c)
     offset: Tensor  # (B,) float64: z = offset + l
@@ -275,11 +316,29 @@ class Solved(NamedTuple):
     in_range: Tensor  # 0-dim bool: every ratio lies in (0, 1]
 
 
-def _blocks(m: int, n: int) -> tuple[int, int, int]:
-    """Tile sizes (prototypes, locations) and warps for one program."""
+class Upstream(NamedTuple):
+    """Gradients w.r.t. :class:`Solved`'s outputs; None for an output that was not used."""
+
+    weights: Tensor | None
+    plan: Tensor | None
+    embedding: Tensor | None
+    histogram: Tensor | None
+
+
+class Blocks(NamedTuple):
+    """Tile sizes and warps of one program: prototypes, locations and channels per tile."""
+
+    m: int
+    n: int
+    d: int
+    warps: int
+
+
+def _blocks(m: int, n: int, d: int) -> Blocks:
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(triton.next_power_of_2(m), _TILE // block_n))
-    return block_m, block_n, 4 if block_n <= 512 else 8
+    block_d = max(1, min(triton.next_power_of_2(d), _FEATURE_TILE // block_n))
+    return Blocks(block_m, block_n, block_d, 4 if block_n <= 512 else 8)
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,71 +349,84 @@ def _gamma(entropy_weight: float, device: torch.device) -> Tensor:
         return torch.full((1,), float(entropy_weight), dtype=torch.float64, device=device)
 
 
-def transport_forward(
-    cosine: Tensor, unary: Tensor | None, ratio: Tensor, entropy_weight: float
-) -> Solved:
-    """Solve GSP's transport for cosines ``(B, m, n)`` (costs ``sqrt(2 - 2 cos) + unary``).
+def _or(tensor: Tensor | None, stand_in: Tensor) -> Tensor:
+    """A kernel argument that its constexpr flag leaves unread when ``tensor`` is None."""
+    return stand_in if tensor is None else tensor.contiguous()
 
-    ``unary`` ``(B, n)`` or None; ``ratio`` ``(B,)``. The outputs have the cosines' precision,
-    at least float32.
+
+def transport_forward(
+    cosine: Tensor, unary: Tensor | None, ratio: Tensor, projected: Tensor, entropy_weight: float
+) -> Solved:
+    """Solve GSP's transport for cosines ``(B, m, n)`` (costs ``sqrt(2 - 2 cos) + unary``) and
+    pool the projected features ``(B, d, n)`` with its weights.
+
+    ``unary`` ``(B, n)`` or None; ``ratio`` ``(B,)``. The transport's outputs have the cosines'
+    precision and the pooled vector the features', each at least float32.
     """
     batch, m, n = cosine.shape
+    d = projected.shape[1]
     if n > MAX_LOCATIONS:
         raise ValueError(f"the Triton kernels take at most {MAX_LOCATIONS} locations, got {n}")
     dtype = torch.promote_types(cosine.dtype, torch.float32)
     device = cosine.device
-    cosine = cosine.contiguous()
+    cosine, projected = cosine.contiguous(), projected.contiguous()
     weights = torch.empty(batch, n, dtype=dtype, device=device)
     plan = torch.empty(batch, m, n, dtype=dtype, device=device)
     histogram = torch.empty(batch, m, dtype=dtype, device=device)
+    embedding_dtype = torch.promote_types(projected.dtype, torch.float32)
+    embedding = torch.empty(batch, d, dtype=embedding_dtype, device=device)
     log_mass = torch.empty(batch, n, dtype=torch.float64, device=device)
     offset = torch.empty(batch, dtype=torch.float64, device=device)
     flags = torch.empty(batch, 3, dtype=torch.int32, device=device)
-    block_m, block_n, warps = _blocks(m, n)
+    blocks = _blocks(m, n, d)
     _forward_kernel[(batch,)](
-        cosine, cosine if unary is None else unary.contiguous(), ratio.contiguous(),
-        _gamma(entropy_weight, device),
-        weights, plan, histogram, log_mass, offset, flags,
-        m, n,
-        HAS_UNARY=unary is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        MAX_STEPS=_MAX_NEWTON_STEPS, num_warps=warps,
+        cosine, _or(unary, cosine), ratio.contiguous(), _gamma(entropy_weight, device), projected,
+        weights, plan, histogram, embedding, log_mass, offset, flags,
+        m, n, d,
+        HAS_UNARY=unary is not None, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
+        MAX_STEPS=_MAX_NEWTON_STEPS, num_warps=blocks.warps,
     )  # fmt: skip
-    return Solved(weights, plan, histogram, log_mass, offset, *flags.all(dim=0))
+    return Solved(weights, plan, embedding, histogram, log_mass, offset, *flags.all(dim=0))
 
 
 def transport_backward(
     cosine: Tensor,
     unary: Tensor | None,
     ratio: Tensor,
+    projected: Tensor,
     log_mass: Tensor,
     offset: Tensor,
-    grad_weights: Tensor,
-    grad_plan: Tensor | None,
-    grad_histogram: Tensor | None,
+    upstream: Upstream,
     entropy_weight: float,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Gradients w.r.t. the cosines, the unary cost (None without one) and the ratio (float64),
-    given those w.r.t. the weights (including the pooled vector's share), plan and histogram;
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """Gradients w.r.t. the cosines, the projected features through the pooled vector (None
+    without an embedding gradient), the unary cost (None without one) and the ratio (float64);
     ``log_mass`` and ``offset`` are the forward's (:class:`Solved`)."""
     batch, m, n = cosine.shape
+    d = projected.shape[1]
     device = cosine.device
-    cosine = cosine.contiguous()
-    dtype = torch.promote_types(cosine.dtype, torch.float32)
-    grad_cosine = torch.empty(batch, m, n, dtype=dtype, device=device)
+    cosine, projected = cosine.contiguous(), projected.contiguous()
+    grad_cosine = torch.empty(
+        batch, m, n, dtype=torch.promote_types(cosine.dtype, torch.float32), device=device
+    )
     grad_unary = None if unary is None else torch.empty(batch, n, dtype=unary.dtype, device=device)
     grad_ratio = torch.empty(batch, dtype=torch.float64, device=device)
-    block_m, block_n, warps = _blocks(m, n)
+    grad_projected = None
+    if upstream.embedding is not None:
+        grad_projected = torch.empty_like(projected, memory_format=torch.contiguous_format)
+    blocks = _blocks(m, n, d)
     _backward_kernel[(batch,)](
-        cosine, cosine if unary is None else unary.contiguous(), ratio.contiguous(),
-        _gamma(entropy_weight, device), log_mass, offset,
-        grad_weights.contiguous(),
-        cosine if grad_plan is None else grad_plan.contiguous(),
-        cosine if grad_histogram is None else grad_histogram.contiguous(),
-        grad_cosine, grad_cosine if grad_unary is None else grad_unary, grad_ratio,
-        m, n,
-        HAS_UNARY=unary is not None, HAS_GRAD_PLAN=grad_plan is not None,
-        HAS_GRAD_HISTOGRAM=grad_histogram is not None,
-        HAS_PLAN_TERMS=grad_plan is not None or grad_histogram is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        cosine, _or(unary, cosine), ratio.contiguous(), _gamma(entropy_weight, device),
+        log_mass, offset, projected,
+        _or(upstream.weights, cosine), _or(upstream.plan, cosine),
+        _or(upstream.histogram, cosine), _or(upstream.embedding, cosine),
+        grad_cosine, _or(grad_unary, cosine), grad_ratio, _or(grad_projected, cosine),
+        m, n, d,
+        HAS_UNARY=unary is not None, HAS_GRAD_WEIGHTS=upstream.weights is not None,
+        HAS_GRAD_PLAN=upstream.plan is not None,
+        HAS_GRAD_HISTOGRAM=upstream.histogram is not None,
+        HAS_PLAN_TERMS=upstream.plan is not None or upstream.histogram is not None,
+        HAS_GRAD_EMBEDDING=upstream.embedding is not None,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, num_warps=blocks.warps,
     )  # fmt: skip
-    return grad_cosine, grad_unary, grad_ratio
+    return grad_cosine, grad_projected, grad_unary, grad_ratio

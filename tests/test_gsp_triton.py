@@ -85,7 +85,7 @@ _FLOAT64_POINTERS = {"ratio_ptr", "gamma_ptr", "log_mass_ptr", "offset_ptr", "gr
 
 def cubin_for(kernel, arch: int, dtype: str, constants: dict[str, object], warps: int) -> bytes:
     """``kernel`` compiled for ``sm_<arch>`` as the launch wrappers would launch it, for
-    ``dtype`` cosines (Triton's own compiler and ptxas: no GPU needed)."""
+    ``dtype`` cosines and features (Triton's own compiler and ptxas: no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,13 +95,13 @@ def cubin_for(kernel, arch: int, dtype: str, constants: dict[str, object], warps
     for param in kernel.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name in ("m", "n"):
+        elif param.name in ("m", "n", "d"):
             signature[param.name] = "i32"
         elif param.name == "flags_ptr":
             signature[param.name] = "*i32"
         elif param.name in _FLOAT64_POINTERS:
             signature[param.name] = "*fp64"
-        elif param.name in ("cosine_ptr", "unary_ptr"):
+        elif param.name in ("cosine_ptr", "unary_ptr", "projected_ptr", "grad_projected_ptr"):
             signature[param.name] = f"*{dtype}"
         else:
             signature[param.name] = f"*{work}"
@@ -136,21 +136,21 @@ def test_the_kernels_compile_for_a_gpu_without_spilling(
 ) -> None:
     from model import gsp_triton
 
-    block_m, block_n, warps = gsp_triton._blocks(m, n)
-    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    chosen = gsp_triton._blocks(m, n, 512)
+    blocks = {"BLOCK_M": chosen.m, "BLOCK_N": chosen.n, "BLOCK_D": chosen.d}
     forward = {"HAS_UNARY": True, "MAX_STEPS": 200, **blocks}
+    every_gradient = ("WEIGHTS", "PLAN", "HISTOGRAM", "EMBEDDING")
     backward = {
         "HAS_UNARY": True,
-        "HAS_GRAD_PLAN": True,
-        "HAS_GRAD_HISTOGRAM": True,
         "HAS_PLAN_TERMS": True,
+        **{f"HAS_GRAD_{output}": True for output in every_gradient},
         **blocks,
     }
     for kernel, constants in (
         (gsp_triton._forward_kernel, forward),
         (gsp_triton._backward_kernel, backward),
     ):
-        usage = resource_usage(cubin_for(kernel, arch, dtype, constants, warps), tmp_path)
+        usage = resource_usage(cubin_for(kernel, arch, dtype, constants, chosen.warps), tmp_path)
         # A few spilled values at most (ptxas's choice); a tile too large for the registers
         # spills hundreds of bytes per thread.
         assert usage["STACK"] <= 64, usage
@@ -176,7 +176,10 @@ def test_forward_matches_converged_fixed_point(n: int, m: int, gamma: float) -> 
     cosine = cosines_for(adversarial_costs(m, n))
     cost = kernel_costs(cosine)
     ratios = torch.cat([RATIOS, RATIOS[[0, 2, 4, 3]]])
-    solved = transport_forward(cosine.to(DEVICE), None, ratios.to(DEVICE), gamma)
+    features = torch.randn(len(ratios), 3, n, dtype=torch.float64)
+    solved = transport_forward(
+        cosine.to(DEVICE), None, ratios.to(DEVICE), features.to(DEVICE), gamma
+    )
     plan, weights = solved.plan.cpu(), solved.weights.cpu()
     residual = (1 - weights * ratios[:, None]) / n
     ref_plan, ref_residual = converged_fixed_point(cost, ratios, gamma)
@@ -187,6 +190,8 @@ def test_forward_matches_converged_fixed_point(n: int, m: int, gamma: float) -> 
     assert (plan - exact_plan).abs().max() < 1e-12
     assert (residual - exact_residual).abs().max() < 1e-12
     assert torch.allclose(solved.histogram.cpu(), plan.sum(2) / ratios[:, None], atol=1e-14)
+    pooled = (features * weights[:, None, :]).mean(dim=2)
+    assert torch.allclose(solved.embedding.cpu(), pooled, atol=1e-14)
     assert bool(solved.finite_cosines) and bool(solved.finite_unary) and bool(solved.in_range)
 
 
