@@ -246,8 +246,12 @@ def triton_selected(device: torch.device, locations: int) -> bool:
         raise ValueError(f"GSP_KERNEL must be one of {', '.join(KERNELS)}, got {choice!r}")
     if choice != "triton" or device.type != "cuda":
         return False
-    from model.gsp_triton import MAX_LOCATIONS
-
+    try:
+        from model.gsp_triton import MAX_LOCATIONS
+    except ImportError as error:
+        raise RuntimeError(
+            "GSP_KERNEL=triton needs the triton package (torch installs it on Linux)"
+        ) from error
     return locations <= MAX_LOCATIONS
 
 

@@ -20,6 +20,9 @@ import torch
 
 import model.gsp_function as gsp_function
 from model.gsp import GeneralizedSumPooling
+
+# Triton comes with torch's Linux wheels only; elsewhere the layer has its compiled path alone.
+pytest.importorskip("triton", reason="Triton is not installed (torch ships it on Linux)")
 from model.gsp_triton import MAX_LOCATIONS
 from model.transport import partial_transport
 from tests.reference_transport import converged_fixed_point
@@ -63,6 +66,14 @@ def test_kernels_under_the_interpreter() -> None:
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     # Every kernel test ran there: none skipped.
     assert re.search(r"\b\d+ passed, \d+ deselected in\b", child.stdout), child.stdout[-2000:]
+
+
+def test_asking_for_the_kernels_without_triton_says_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setenv("GSP_KERNEL", "triton")
+    monkeypatch.delitem(sys.modules, "model.gsp_triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails
+    with pytest.raises(RuntimeError, match="GSP_KERNEL=triton needs the triton package"):
+        gsp_function.triton_selected(torch.device("cuda"), 49)
 
 
 def test_the_kernels_run_on_cuda_when_gsp_kernel_is_triton(monkeypatch) -> None:
