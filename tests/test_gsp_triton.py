@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import model.compiling as compiling
 import model.gsp_function as gsp_function
 from model.gsp import GeneralizedSumPooling
 
@@ -246,6 +248,22 @@ def test_outputs_and_gradients_equal_the_compiled_paths(used: str, gamma: float)
     )
     for mine, reference in zip(ours + our_grads, theirs + their_grads, strict=True):
         assert torch.allclose(mine.cpu(), reference, atol=1e-11, rtol=1e-9)
+
+
+@kernels
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_the_compiled_cosine_gradients_equal_the_eager_ones(monkeypatch) -> None:
+    """On CUDA the backward's cosine gradients run compiled; here on the CPU, the same."""
+    inputs = layer_inputs()
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(3, 9), (3, 4, 9), (3, 5), (3, 4)]
+    upstream = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    pool = gsp_function._TritonGSPPool
+    eager = pooled_with_gradients(pool, inputs, upstream, 5.0)
+    monkeypatch.setattr(compiling, "compile_enabled", lambda device: True)
+    compiled = pooled_with_gradients(pool, inputs, upstream, 5.0)
+    for ours, reference in zip(compiled[0] + compiled[1], eager[0] + eager[1], strict=True):
+        assert (ours - reference).abs().max() < 1e-12
 
 
 @kernels
