@@ -168,8 +168,10 @@ def profile_layer(device: torch.device) -> None:
         result = layer(features)
         (result.embedding.sum() + result.histogram.sum()).backward()
 
-    timed(whole_layer, device, 3)
-    print(profiled(whole_layer, device, 10).table(sort_by="self_cpu_time_total", row_limit=25))
+    for name, run in both_kernels("layer", whole_layer, device).items():
+        timed(run, device, 3)
+        print(f"   {name}: operators by host time")
+        print(profiled(run, device, 10).table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def solver_against_fixed_point(device: torch.device, repeats: int) -> None:
