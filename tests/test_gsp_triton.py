@@ -1,5 +1,5 @@
 """The GSP layer's Triton kernels (model/gsp_triton.py) against the float64 fixed point and the
-compiled path's eager form.
+compiled path's eager form, and built by Triton's compiler for real GPUs (no GPU needed).
 
 The kernels run on CUDA where there is a GPU. Elsewhere this module runs in a child process
 under Triton's interpreter (``TRITON_INTERPRET=1`` must be set before Triton is imported),
