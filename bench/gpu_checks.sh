@@ -48,7 +48,9 @@ for section in $sections; do
     service)
         echo "== service"
         timeout 150 python3 bench/service.py --device cuda --requests 320 --max-seconds 10 2>&1 \
-            | grep -v "building gallery" | tee "$OUT/service.txt" ;;
+            | grep -v "building gallery" | tee "$OUT/service.txt"
+        echo "== a search request's cost outside the model, on this machine's CPU"
+        timeout 90 python3 bench/request_overhead.py 2>&1 | tee "$OUT/request_overhead.txt" ;;
     profile)
         echo "== profile"
         timeout 30 python3 bench/gsp_layer.py --device cuda --profile 2>&1 \

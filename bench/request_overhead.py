@@ -1,0 +1,197 @@
+"""What a search request costs the service outside the model, stage by stage.
+
+The c=1 latency target compares the service with the model + search in process, so everything
+else a request does is overhead: HTTP framework, form parsing, decoding, thread hand-offs,
+response building, access log. This drives the real application in process through ASGI (no
+sockets, no client) with the model replaced by an instant answer, and prints per-request
+medians: the whole request, ``/healthz`` through the same middleware, the route's own stages
+beside the same work timed alone, and what is left for the framework.
+
+    .venv/bin/python bench/request_overhead.py [--requests 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.service.api import decode_upload, search_gallery
+from app.service.main import create_app
+from tests.test_service_support import build_assets, drawn_image
+
+Message = dict[str, object]
+
+
+class AsgiClient:
+    """Calls an ASGI app directly, the way a server would, and keeps each request's scope."""
+
+    def __init__(self, app, lifespan_state: dict) -> None:
+        self.app = app
+        self.lifespan_state = lifespan_state
+
+    async def call(self, method: str, path: str, body: bytes = b"", headers=()) -> dict:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"bench"), *headers],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": dict(self.lifespan_state),
+        }
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        status: list[int] = []
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop()
+            await asyncio.Event().wait()  # the client never disconnects
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+
+        await self.app(scope, receive, send)
+        if status != [200]:
+            raise RuntimeError(f"{method} {path} answered {status}")
+        return scope
+
+
+def multipart(png: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The benchmark's search form: the image, and heatmaps off."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    body += (
+        png
+        + (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="heatmaps"\r\n\r\n'
+            f"false\r\n--{boundary}--\r\n"
+        ).encode()
+    )
+    headers = [
+        (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return body, headers
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000.0
+
+
+def alone_ms(work, repeats: int) -> float:
+    """Median time of ``work()`` called back to back on this thread (caches warm)."""
+    for _ in range(50):
+        work()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - started)
+    return median_ms(samples)
+
+
+async def measure(requests: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="gsp-overhead-"))
+    assets = build_assets(root)
+    app = create_app(assets.settings(gallery_read_only=True))
+    # The JSON access log is still formatted and written, as in production, but not shown.
+    for handler in logging.getLogger("gsp").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - open for the process
+    buffer = io.BytesIO()
+    drawn_image("red", 0).resize((96, 96)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    body, headers = multipart(png)
+    lifespan_state: dict = {}
+    async with app.router.lifespan_context(app) as state:
+        lifespan_state.update(state or {})
+        service = app.state.service
+        answer = await service.engine.embed(service.engine.prepare(drawn_image("red", 0)))
+
+        async def instant(_tensor: torch.Tensor):
+            return answer
+
+        service.engine.embed = instant
+        client = AsgiClient(app, lifespan_state)
+        totals, stages, probes = [], [], []
+        for index in range(requests + 100):
+            started = time.perf_counter()
+            scope = await client.call("POST", "/v1/search", body, headers)
+            elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            await client.call("GET", "/healthz")
+            probe = time.perf_counter() - started
+            if index >= 100:  # warm-up
+                totals.append(elapsed)
+                probes.append(probe)
+                stages.append(dict(scope["state"]["stages"]))
+
+        def decode_and_prepare() -> None:
+            decoded = decode_upload(png, "image/png", service)
+            service.engine.prepare(decoded.image)
+
+        embedding = np.asarray(answer.embedding, dtype=np.float32)
+        search = search_gallery(embedding, 10, None, None)
+        gallery = service.store.gallery
+        alone = {
+            "decode": alone_ms(decode_and_prepare, requests),
+            "search": alone_ms(lambda: search(gallery), requests),
+        }
+    total = median_ms(totals)
+    route = {name: statistics.median(s[name] for s in stages) for name in ("decode", "search")}
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
+    print(f"POST /v1/search, {len(png)} B PNG (96 px), k=10, heatmaps off, instant model;")
+    print(f"medians of {requests} requests through ASGI in process (no sockets, no client)")
+    print(f"  whole request      {total:6.3f} ms")
+    print(f"  GET /healthz       {median_ms(probes):6.3f} ms  (middleware, routing, access log)")
+    print("  stage              in the route   alone   hand-off and the rest")
+    for name, route_ms in route.items():
+        print(f"  {name:<18} {route_ms:12.3f} {alone[name]:7.3f} {route_ms - alone[name]:9.3f}")
+    rest = total - sum(route.values())
+    print(f"  outside the stages {rest:6.3f} ms  (form parsing, dependencies, response, log)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:
+        import uvloop
+    except ImportError:  # the default event loop, as uvicorn would use
+        asyncio.run(measure(args.requests))
+    else:
+        uvloop.run(measure(args.requests))
+
+
+if __name__ == "__main__":
+    main()
