@@ -203,8 +203,7 @@ def _backward_kernel(
     grad_cosine_ptr, grad_unary_ptr, grad_ratio_ptr, grad_projected_ptr,
     m, n, d,
     HAS_UNARY: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_PLAN: tl.constexpr,
-    HAS_GRAD_HISTOGRAM: tl.constexpr, HAS_PLAN_TERMS: tl.constexpr,
-    HAS_GRAD_EMBEDDING: tl.constexpr,
+    HAS_GRAD_HISTOGRAM: tl.constexpr, HAS_GRAD_EMBEDDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -243,7 +242,7 @@ def _backward_kernel(
     # Pass 1: sum_k G_ki A_ki for the plan's gradient G and the histogram's h (G_ki = h_k / mu).
     plan_share = tl.zeros((BLOCK_N,), dtype=tl.float64)
     histogram_share = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    if HAS_PLAN_TERMS:  # a gradient w.r.t. the plan or the histogram
+    if HAS_GRAD_PLAN or HAS_GRAD_HISTOGRAM:
         for start in range(0, m, BLOCK_M):
             k = start + tl.arange(0, BLOCK_M)
             inside = (k < m)[:, None] & valid[None, :]
@@ -425,7 +424,6 @@ def transport_backward(
         HAS_UNARY=unary is not None, HAS_GRAD_WEIGHTS=upstream.weights is not None,
         HAS_GRAD_PLAN=upstream.plan is not None,
         HAS_GRAD_HISTOGRAM=upstream.histogram is not None,
-        HAS_PLAN_TERMS=upstream.plan is not None or upstream.histogram is not None,
         HAS_GRAD_EMBEDDING=upstream.embedding is not None,
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, num_warps=blocks.warps,
     )  # fmt: skip

@@ -155,7 +155,6 @@ def test_the_kernels_compile_for_a_gpu_without_spilling(
     every_gradient = ("WEIGHTS", "PLAN", "HISTOGRAM", "EMBEDDING")
     backward = {
         "HAS_UNARY": True,
-        "HAS_PLAN_TERMS": True,
         **{f"HAS_GRAD_{output}": True for output in every_gradient},
         **blocks,
     }
