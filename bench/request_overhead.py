@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.service.api import decode_upload, search_gallery
 from app.service.main import create_app
+from bench.service import search_form
+from bench.upload_decode import median_ms
 from tests.test_service_support import build_assets, drawn_image
 
 Message = dict[str, object]
@@ -79,41 +80,10 @@ class AsgiClient:
         return scope
 
 
-def multipart(png: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The benchmark's search form: the image, and heatmaps off."""
-    boundary = uuid.uuid4().hex
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode()
-    body += (
-        png
-        + (
-            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="heatmaps"\r\n\r\n'
-            f"false\r\n--{boundary}--\r\n"
-        ).encode()
-    )
-    headers = [
-        (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    return body, headers
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000.0
-
-
 def alone_ms(work, repeats: int) -> float:
-    """Median time of ``work()`` called back to back on this thread (caches warm)."""
-    for _ in range(50):
-        work()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        samples.append(time.perf_counter() - started)
-    return median_ms(samples)
+    """Median time of ``work()`` called back to back on this thread, caches warm."""
+    median_ms(work, 50)
+    return median_ms(work, repeats)
 
 
 async def measure(requests: int) -> None:
@@ -127,7 +97,11 @@ async def measure(requests: int) -> None:
     buffer = io.BytesIO()
     drawn_image("red", 0).resize((96, 96)).save(buffer, format="PNG")
     png = buffer.getvalue()
-    body, headers = multipart(png)
+    content_type, body = search_form(png)
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
     lifespan_state: dict = {}
     async with app.router.lifespan_context(app) as state:
         lifespan_state.update(state or {})
@@ -163,7 +137,7 @@ async def measure(requests: int) -> None:
             "decode": alone_ms(decode_and_prepare, requests),
             "search": alone_ms(lambda: search(gallery), requests),
         }
-    total = median_ms(totals)
+    total = statistics.median(totals) * 1000.0
     route = {name: statistics.median(s[name] for s in stages) for name in ("decode", "search")}
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
@@ -172,7 +146,8 @@ async def measure(requests: int) -> None:
     print(f"POST /v1/search, {len(png)} B PNG (96 px), k=10, heatmaps off, instant model;")
     print(f"medians of {requests} requests through ASGI in process (no sockets, no client)")
     print(f"  whole request      {total:6.3f} ms")
-    print(f"  GET /healthz       {median_ms(probes):6.3f} ms  (middleware, routing, access log)")
+    probe = statistics.median(probes) * 1000.0
+    print(f"  GET /healthz       {probe:6.3f} ms  (middleware, routing, access log)")
     print("  stage              in the route   alone   hand-off and the rest")
     for name, route_ms in route.items():
         print(f"  {name:<18} {route_ms:12.3f} {alone[name]:7.3f} {route_ms - alone[name]:9.3f}")

@@ -255,13 +255,9 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait(timeout=5)
 
 
-def search_request(url: str, query: bytes, request_id: str) -> bytes:
-    """The whole HTTP/1.1 request for one search, encoded once as a load generator does.
-
-    A general-purpose client (httpx) spends 1-3 ms of Python per request building multipart
-    bodies and parsing responses; on loopback at concurrency 1 that is the client's cost, not
-    the service's, so the driver writes these bytes and reads the response itself.
-    """
+def search_form(query: bytes) -> tuple[str, bytes]:
+    """The benchmark's search as a multipart form (k=10, heatmaps off, the PNG ``query``):
+    its content type and body."""
     boundary = uuid.uuid4().hex
     fields = [("k", "10"), ("heatmaps", "false")]
     body = b"".join(
@@ -276,11 +272,21 @@ def search_request(url: str, query: bytes, request_id: str) -> bytes:
         + query
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+def search_request(url: str, query: bytes, request_id: str) -> bytes:
+    """The whole HTTP/1.1 request for one search, encoded once as a load generator does.
+
+    A general-purpose client (httpx) spends 1-3 ms of Python per request building multipart
+    bodies and parsing responses; on loopback at concurrency 1 that is the client's cost, not
+    the service's, so the driver writes these bytes and reads the response itself.
+    """
+    content_type, body = search_form(query)
     host = url.removeprefix("http://")
     head = (
         f"POST /v1/search HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: {request_id}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
