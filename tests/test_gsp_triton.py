@@ -220,6 +220,16 @@ def layer_inputs(batch: int = 3, d: int = 5, m: int = 4, side: int = 3, seed: in
     return projected, prototypes, unary, ratio
 
 
+def upstream_gradients(seed: int) -> list[torch.Tensor]:
+    """Random gradients w.r.t. weights, plan, embedding and histogram of :func:`layer_inputs`'
+    default sizes, on the device the kernels run on."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 9), (3, 4, 9), (3, 5), (3, 4)]
+    return [
+        torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE) for shape in shapes
+    ]
+
+
 def pooled_with_gradients(pool, inputs, upstream, gamma: float):
     leaves = [tensor.clone().requires_grad_() for tensor in inputs]
     outputs = pool.apply(*leaves, gamma)
@@ -234,11 +244,8 @@ def pooled_with_gradients(pool, inputs, upstream, gamma: float):
 @pytest.mark.parametrize("gamma", [0.5, 5.0, 50.0])
 def test_outputs_and_gradients_equal_the_compiled_paths(used: str, gamma: float) -> None:
     inputs = layer_inputs()
-    generator = torch.Generator().manual_seed(1)
-    shapes = [(3, 9), (3, 4, 9), (3, 5), (3, 4)]
-    upstream = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
     keep = {"all": (0, 1, 2, 3), "embedding": (2,), "weights and plan": (0, 1)}[used]
-    upstream = [grad.to(DEVICE) if i in keep else None for i, grad in enumerate(upstream)]
+    upstream = [grad if i in keep else None for i, grad in enumerate(upstream_gradients(1))]
     ours, our_grads = pooled_with_gradients(gsp_function._TritonGSPPool, inputs, upstream, gamma)
     cpu_inputs = [tensor.cpu() for tensor in inputs]
     cpu_upstream = [None if grad is None else grad.cpu() for grad in upstream]
@@ -254,9 +261,7 @@ def test_outputs_and_gradients_equal_the_compiled_paths(used: str, gamma: float)
 def test_the_compiled_cosine_gradients_equal_the_eager_ones(monkeypatch) -> None:
     """On CUDA the backward's cosine gradients run compiled; here on the CPU, the same."""
     inputs = layer_inputs()
-    generator = torch.Generator().manual_seed(2)
-    shapes = [(3, 9), (3, 4, 9), (3, 5), (3, 4)]
-    upstream = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    upstream = upstream_gradients(2)
     pool = gsp_function._TritonGSPPool
     eager = pooled_with_gradients(pool, inputs, upstream, 5.0)
     monkeypatch.setattr(compiling, "compile_enabled", lambda device: True)
