@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torchvision
@@ -68,15 +69,8 @@ def on_kernels(kernel: str, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` run with ``GSP_KERNEL=kernel``: how the layer runs on CUDA."""
 
     def run() -> None:
-        previous = os.environ.get("GSP_KERNEL")
-        os.environ["GSP_KERNEL"] = kernel
-        try:
+        with mock.patch.dict(os.environ, {"GSP_KERNEL": kernel}):
             fn()
-        finally:
-            if previous is None:
-                del os.environ["GSP_KERNEL"]
-            else:
-                os.environ["GSP_KERNEL"] = previous
 
     return run
 
