@@ -3,9 +3,10 @@
 The c=1 latency target compares the service with the model + search in process, so everything
 else a request does is overhead: HTTP framework, form parsing, decoding, thread hand-offs,
 response building, access log. This drives the real application in process through ASGI (no
-sockets, no client) with the model replaced by an instant answer, and prints per-request
-medians: the whole request, ``/healthz`` through the same middleware, the route's own stages
-beside the same work timed alone, and what is left for the framework.
+sockets, no client) with the forward pass replaced by an instant answer (the micro-batcher and
+its thread stay, so the embed stage is its hand-off alone), and prints per-request medians: the
+whole request, ``/healthz`` through the same middleware, the route's own stages beside the same
+work timed alone, and what is left for the framework.
 
     .venv/bin/python bench/request_overhead.py [--requests 1000]
 """
@@ -108,10 +109,8 @@ async def measure(requests: int) -> None:
         service = app.state.service
         answer = await service.engine.embed(service.engine.prepare(drawn_image("red", 0)))
 
-        async def instant(_tensor: torch.Tensor):
-            return answer
-
-        service.engine.embed = instant
+        # The batcher and its thread stay; only the forward pass they run becomes instant.
+        service.engine.batcher._process = lambda tensors: [answer] * len(tensors)
         client = AsgiClient(app, lifespan_state)
         totals, stages, probes = [], [], []
         for index in range(requests + 100):
@@ -135,10 +134,12 @@ async def measure(requests: int) -> None:
         gallery = service.store.gallery
         alone = {
             "decode": alone_ms(decode_and_prepare, requests),
+            "embed": alone_ms(lambda: [answer], requests),
             "search": alone_ms(lambda: search(gallery), requests),
         }
     total = statistics.median(totals) * 1000.0
-    route = {name: statistics.median(s[name] for s in stages) for name in ("decode", "search")}
+    names = ("decode", "embed", "search")
+    route = {name: statistics.median(s[name] for s in stages) for name in names}
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
