@@ -24,12 +24,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.solver import MAX_NEWTON_STEPS, NEWTON_TOLERANCE, SATURATED_OFFSET
+
 __all__ = ["MAX_LOCATIONS", "Solved", "Upstream", "transport_backward", "transport_forward"]
 
 # One program holds a row of locations in registers; beyond this a feature map uses the
 # compiled path.
 MAX_LOCATIONS = 2048
-_MAX_NEWTON_STEPS = 200  # as model/solver.py
+# The forward kernel's Newton solve stops and saturates as model/solver.py's does.
+_SOLVER_CONSTANTS = {
+    "MAX_STEPS": MAX_NEWTON_STEPS,
+    "TOLERANCE": NEWTON_TOLERANCE,
+    "SATURATED_OFFSET": SATURATED_OFFSET,
+}
 # Elements of one (prototypes x locations) tile: the backward keeps about eight float64 tiles
 # live, which must fit a program's registers (8192 spills hundreds of bytes per thread; the
 # compile test in tests/test_gsp_triton.py checks).
@@ -95,7 +102,8 @@ def _forward_kernel(
     weights_ptr, plan_ptr, histogram_ptr, embedding_ptr, log_mass_ptr, offset_ptr, flags_ptr,
     m, n, d,
     HAS_UNARY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, MAX_STEPS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MAX_STEPS: tl.constexpr, TOLERANCE: tl.constexpr, SATURATED_OFFSET: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -155,13 +163,13 @@ def _forward_kernel(
         # A zero slope (underflow) sends the step outside the bracket: bisection.
         newton = tl.where(slope > 0, u - residual / slope, lo - 1.0)
         u_next = tl.where((newton >= lo) & (newton <= hi), newton, 0.5 * (lo + hi))
-        scale = 1e-12 * (1.0 + tl.abs(u))
+        scale = TOLERANCE * (1.0 + tl.abs(u))
         done = ((tl.abs(u_next - u) <= scale) | (hi - lo <= scale)).to(tl.int32)
         u = u_next
         steps += 1
 
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
-    offset = tl.where(saturated, 1.0e4 - lowest, u)
+    offset = tl.where(saturated, SATURATED_OFFSET - lowest, u)
     taken = tl.where(valid, _sigmoid(offset + log_mass), 0.0)
     weights = taken / mu
     tl.store(weights_ptr + row * n + cols, weights, mask=valid)
@@ -383,7 +391,7 @@ def transport_forward(
         weights, plan, histogram, embedding, log_mass, offset, flags,
         m, n, d,
         HAS_UNARY=unary is not None, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
-        MAX_STEPS=_MAX_NEWTON_STEPS, num_warps=blocks.warps,
+        **_SOLVER_CONSTANTS, num_warps=blocks.warps,
     )  # fmt: skip
     return Solved(weights, plan, embedding, histogram, log_mass, offset, *flags.all(dim=0))
 

@@ -29,7 +29,10 @@ from model.compiling import fused
 
 __all__ = [
     "EAGER",
+    "MAX_NEWTON_STEPS",
+    "NEWTON_TOLERANCE",
     "NON_FINITE_COST",
+    "SATURATED_OFFSET",
     "Begun",
     "Solver",
     "begin",
@@ -40,10 +43,13 @@ __all__ = [
     "solver_for",
 ]
 
-_MAX_NEWTON_STEPS = 200
+MAX_NEWTON_STEPS = 200
+# Newton's error after a step is about the square of the step, so a step this small relative
+# to u means converged.
+NEWTON_TOLERANCE = 1.0e-12
 NON_FINITE_COST = "cost contains NaN or infinite values"
 # Large enough that sigmoid(u + l) is exactly 1 in float64 for every location: the mu = 1 case.
-_SATURATED_OFFSET = 1.0e4
+SATURATED_OFFSET = 1.0e4
 
 
 def _newton_step(
@@ -69,8 +75,7 @@ def _newton_step(
     newton = u - residual / slope.clamp_min(torch.finfo(torch.float64).tiny)
     inside = (newton >= lo) & (newton <= hi)
     u_next = torch.where(inside, newton, 0.5 * (lo + hi))
-    # Newton's error after a step is about the square of the step, so 1e-12 means converged.
-    scale = 1.0e-12 * (1 + u.abs())
+    scale = NEWTON_TOLERANCE * (1 + u.abs())
     done = ((u_next - u).abs() <= scale) | (hi - lo <= scale)
     return u_next, lo, hi, done.all()
 
@@ -138,7 +143,7 @@ def finish(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``z = u + l`` and the transported and kept fractions ``sigmoid(z)``, ``sigmoid(-z)``."""
     # mu = 1: every location sends all its mass; a large finite offset keeps backward finite.
-    offset = torch.where(saturated, _SATURATED_OFFSET - log_mass.amin(dim=1), u)
+    offset = torch.where(saturated, SATURATED_OFFSET - log_mass.amin(dim=1), u)
     z = offset[:, None] + log_mass
     return z, torch.sigmoid(z).to(dtype), torch.sigmoid(-z).to(dtype)
 
@@ -236,7 +241,7 @@ def settle(
     (converged,) = checks.verify(begun.done)
     block = solver.steps_per_check
     u, lo, hi, steps = begun.u, begun.lo, begun.hi, block
-    while not converged and steps < _MAX_NEWTON_STEPS:
+    while not converged and steps < MAX_NEWTON_STEPS:
         u, lo, hi, done = solver.newton(
             u, lo, hi, begun.log_mass, begun.low_ratio, begun.log_target, block
         )

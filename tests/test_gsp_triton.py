@@ -151,7 +151,7 @@ def test_the_kernels_compile_for_a_gpu_without_spilling(
 
     chosen = gsp_triton._blocks(m, n, 512)
     blocks = {"BLOCK_M": chosen.m, "BLOCK_N": chosen.n, "BLOCK_D": chosen.d}
-    forward = {"HAS_UNARY": True, "MAX_STEPS": 200, **blocks}
+    forward = {"HAS_UNARY": True, **gsp_triton._SOLVER_CONSTANTS, **blocks}
     every_gradient = ("WEIGHTS", "PLAN", "HISTOGRAM", "EMBEDDING")
     backward = {
         "HAS_UNARY": True,
