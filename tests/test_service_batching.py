@@ -116,3 +116,39 @@ def test_event_loop_stays_responsive_during_inference() -> None:
         return ticks
 
     assert asyncio.run(scenario()) >= 10
+
+
+def test_run_uses_the_batch_thread_between_batches() -> None:
+    """Work that is not a batch (explanations, region re-pooling) runs on the batches' thread,
+    never beside a batch, and is refused when the batcher is not running."""
+    recorder = Recorder(delay=0.05)
+    busy = threading.Lock()  # held while a batch runs; run() must find it free
+
+    def batch(items: Sequence[int]) -> list[int]:
+        assert busy.acquire(blocking=False), "a batch ran beside run()"
+        try:
+            return recorder(items)
+        finally:
+            busy.release()
+
+    def alone() -> int:
+        assert busy.acquire(blocking=False), "run() ran beside a batch"
+        busy.release()
+        return threading.get_ident()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        batcher = MicroBatcher(batch, max_batch_size=2, max_wait_ms=0)
+        with pytest.raises(BatcherClosed):
+            await batcher.run(alone)
+        batcher.start()
+        try:
+            submitted = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]
+            alone_threads = await asyncio.gather(*(batcher.run(alone) for _ in range(3)))
+            return await asyncio.gather(*submitted), alone_threads
+        finally:
+            await batcher.stop()
+
+    results, alone_threads = asyncio.run(scenario())
+    assert results == [i * 10 for i in range(6)]
+    assert set(alone_threads) == recorder.threads and len(recorder.threads) == 1
+    assert threading.get_ident() not in recorder.threads

@@ -5,7 +5,8 @@ queue into batches of at most ``max_batch_size`` and runs ``process`` on a dedic
 (one per model and device), so inference never blocks the event loop and the model is never
 entered by two threads at once. A lone request is dispatched at once; only when the previous
 batch held more than one item (the server is under concurrent load) does the collector wait
-up to ``max_wait_ms`` for stragglers to fill the batch.
+up to ``max_wait_ms`` for stragglers to fill the batch. Work that is not a batch of items
+(explanations, region re-pooling) goes to the same thread through ``run``, between batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = ["BatcherClosed", "MicroBatcher"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 class BatcherClosed(RuntimeError):
@@ -86,6 +88,13 @@ class MicroBatcher(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
+
+    async def run(self, function: Callable[[], V]) -> V:
+        """``function()`` on the worker thread, between two batches, so that it is never
+        entered beside ``process`` (exceptions propagate)."""
+        if not self.running or self._executor is None:
+            raise BatcherClosed("the inference worker is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
     async def _gather_batch(self) -> list[tuple[T, asyncio.Future[R]]]:
         assert self._queue is not None
