@@ -18,6 +18,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -27,6 +28,7 @@ from model.transforms import to_rgb
 __all__ = [
     "DecodedImage",
     "ImageRejected",
+    "decode_file",
     "decode_image",
     "thumbnail",
     "treat_decompression_bombs_as_errors",
@@ -132,6 +134,19 @@ def decode_image(
     image_format = opened.format or "UNKNOWN"
     return DecodedImage(
         image=rgb, format=image_format, frames=frames, size=(width, height), data=data
+    )
+
+
+def decode_file(path: Path, *, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+    """Decode a gallery item's file as :func:`decode_image` decodes an upload, under the pixel
+    limit only (the file's size was never an upload's to limit)."""
+    data = path.read_bytes()
+    return decode_image(
+        data,
+        content_type=None,
+        max_bytes=max(len(data), 1),
+        max_pixels=max_pixels,
+        min_side=min_side,
     )
 
 

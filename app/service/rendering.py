@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.service.images import decode_image, thumbnail
+from app.service.images import decode_file, thumbnail
 from app.service.schemas import Heatmap
 
 __all__ = [
@@ -27,10 +27,7 @@ _GRID_DECIMALS = 4
 
 @lru_cache(maxsize=1024)
 def _thumbnail_jpeg(path: str, mtime_ns: int, size: int, max_pixels: int) -> bytes:
-    data = Path(path).read_bytes()
-    decoded = decode_image(
-        data, content_type=None, max_bytes=len(data) or 1, max_pixels=max_pixels, min_side=size
-    )
+    decoded = decode_file(Path(path), max_pixels=max_pixels, min_side=size)
     buffer = io.BytesIO()
     thumbnail(decoded.image, size).save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
