@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.service.api import decode_upload, search_gallery
+from app.service.dependencies import decode_upload
 from app.service.main import create_app
+from app.service.searching import search_gallery
 from bench.service import search_form
 from bench.upload_decode import median_ms
 from tests.test_service_support import build_assets, drawn_image

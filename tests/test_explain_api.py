@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -224,3 +226,38 @@ def test_region_search_rejects_a_non_image_mask(client: TestClient) -> None:
     response = client.post("/v1/search/regions", files=files)
     assert_error(response, 400)
     assert "ignore_mask" in response.json()["detail"]
+
+
+def test_the_network_runs_on_the_engine_thread_only(
+    client: TestClient, ids: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explanations and region re-pooling enter the network only on the inference engine's
+    model thread (its micro-batcher's), never on an image worker; their pictures are drawn on
+    the image workers."""
+    import app.service.routes.explain as explain_routes
+    import app.service.searching as searching
+    from model.gsp import GeneralizedSumPooling
+    from model.net import EmbeddingNet
+
+    threads: dict[str, set[str]] = defaultdict(set)
+
+    def recorded(name: str, function: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            threads[name].add(threading.current_thread().name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for owner, name in ((EmbeddingNet, "features"), (GeneralizedSumPooling, "forward")):
+        monkeypatch.setattr(owner, name, recorded("network", getattr(owner, name)))
+    for module in (explain_routes, searching):
+        monkeypatch.setattr(module, "inline_heatmap", recorded("drawing", module.inline_heatmap))
+    query = drawn_image("blue", 2)
+    explained = explain(client, image_file(query), gallery_id=ids["blue-1.png"], top=1)
+    assert explained.status_code == 200, explained.text
+    from_items = explain(client, query_id=ids["red-0.png"], gallery_id=ids["red-2.png"], top=1)
+    assert from_items.status_code == 200, from_items.text
+    assert search_regions(client, query, k=2, regions=LEFT).status_code == 200
+    assert threads["network"] and threads["drawing"]
+    assert all(name.startswith("gsp-model") for name in threads["network"]), threads
+    assert all(name.startswith("gsp-cpu") for name in threads["drawing"]), threads

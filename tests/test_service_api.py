@@ -128,6 +128,47 @@ def test_bad_k_is_422(client: TestClient, k: object) -> None:
     assert_error(search(client, png_bytes(drawn_image("red", 0)), k=k), 422)
 
 
+def test_k_bounds_come_from_each_applications_settings(
+    client: TestClient, service_assets: ServiceAssets
+) -> None:
+    """The routers are module-level and shared by every application: each application's
+    OpenAPI document and validation still state its own ``max_k`` and ``default_k``."""
+    query = png_bytes(drawn_image("red", 0))
+    wide_settings = service_assets.settings(max_k=30, default_k=3, gallery_read_only=True)
+    with TestClient(create_app(wide_settings)) as wide:
+        for app_client, max_k, default_k in ((client, 20, 10), (wide, 30, 3)):
+            document = app_client.get("/openapi.json").json()
+            assert "x-bound-by-settings" not in json.dumps(document)
+            body = document["components"]["schemas"]["Body_search_v1_search_post"]
+            parameters = document["paths"]["/v1/search/by-id/{item_id}"]["post"]["parameters"]
+            by_id = next(parameter for parameter in parameters if parameter["name"] == "k")
+            description = f"number of matches, 1 to {max_k}"
+            assert by_id["description"] == description
+            for schema in (body["properties"]["k"], by_id["schema"]):
+                assert schema["type"] == "integer" and "anyOf" not in schema
+                assert (schema["minimum"], schema["maximum"]) == (1, max_k)
+                assert (schema["default"], schema["description"]) == (default_k, description)
+            assert app_client.post("/v1/search/by-id/1").json()["k"] == default_k
+            assert search(app_client, query, heatmaps="false").json()["k"] == default_k
+        assert search(wide, query, k=25).json()["k"] == 25
+        # Above max_k: FastAPI's own validation error, as for a declared le=max_k.
+        refused = assert_error(search(client, query, k=25), 422)["detail"]
+        assert refused == [
+            {
+                "type": "less_than_equal",
+                "loc": ["body", "k"],
+                "msg": "Input should be less than or equal to 20",
+                "input": "25",
+                "ctx": {"le": 20},
+            }
+        ]
+        refused = assert_error(client.post("/v1/search/by-id/1?k=21"), 422)["detail"]
+        assert [(problem["loc"], problem["input"]) for problem in refused] == [
+            (["query", "k"], "21")
+        ]
+        assert wide.post("/v1/search/by-id/1?k=21").json()["k"] == 21
+
+
 @pytest.mark.parametrize(
     ("mode", "fmt", "content_type"),
     [
@@ -262,6 +303,28 @@ def test_files_outside_the_gallery_are_never_served(
             assert secret not in response.content
     # Paths are never taken from the client: traversal attempts do not even route.
     assert client.get("/v1/gallery/..%2F..%2Fsecret.png/image").status_code in (404, 422)
+
+
+def test_an_item_file_that_is_no_image_is_404_for_every_reader(client: TestClient) -> None:
+    """Thumbnail, heatmap and explain read an item's file through one lookup: a stored file
+    that no longer decodes is 404 ``image_unavailable`` for each of them, never a 500."""
+    teal = Image.new("RGB", (75, 60), (20, 160, 150))
+    files = {"images": ("teal.png", png_bytes(teal), "image/png")}
+    added = client.post("/v1/gallery", files=files, headers=AUTH)
+    assert added.status_code == 200, added.text
+    item = added.json()["items"][0]
+    store = client.app.state.service.store
+    store.resolve_source(item["source"]).write_bytes(b"no longer an image")
+    try:
+        for suffix in ("/thumbnail", "/heatmap"):
+            response = client.get(f"/v1/gallery/{item['id']}{suffix}")
+            assert "is unusable" in assert_error(response, 404, "image_unavailable")["detail"]
+        for query, match in ((1, item["id"]), (item["id"], 1)):
+            fields = {"query_id": str(query), "gallery_id": str(match)}
+            response = client.post("/v1/explain", data=fields)
+            assert "is unusable" in assert_error(response, 404, "image_unavailable")["detail"]
+    finally:
+        assert client.delete(f"/v1/gallery/{item['id']}", headers=AUTH).status_code == 200
 
 
 # -- writes ------------------------------------------------------------------------------------
@@ -565,7 +628,9 @@ def test_image_work_runs_on_the_service_workers(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Decoding and drawing use the service's bounded pool, not Starlette's 40-thread one."""
-    import app.service.api as api
+    import app.service.dependencies as dependencies
+    import app.service.routes.gallery as gallery_routes
+    import app.service.searching as searching
 
     threads: dict[str, str] = {}
 
@@ -576,9 +641,13 @@ def test_image_work_runs_on_the_service_workers(
 
         return wrapper
 
-    monkeypatch.setattr(api, "decode_upload", recorded("decode", api.decode_upload))
-    monkeypatch.setattr(api, "inline_heatmap", recorded("heatmap", api.inline_heatmap))
-    monkeypatch.setattr(api, "thumbnail_jpeg", recorded("thumbnail", api.thumbnail_jpeg))
+    monkeypatch.setattr(
+        dependencies, "decode_upload", recorded("decode", dependencies.decode_upload)
+    )
+    monkeypatch.setattr(searching, "inline_heatmap", recorded("heatmap", searching.inline_heatmap))
+    monkeypatch.setattr(
+        gallery_routes, "thumbnail_jpeg", recorded("thumbnail", gallery_routes.thumbnail_jpeg)
+    )
     response = search(client, png_bytes(drawn_image("red", 0)), k=1, heatmaps="true")
     assert response.status_code == 200, response.text
     item = response.json()["matches"][0]["id"]
@@ -590,18 +659,18 @@ def test_image_work_runs_on_the_service_workers(
 def test_requests_beyond_the_in_flight_limit_get_503_and_probes_still_answer(
     service_assets: ServiceAssets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.service.api as api
+    import app.service.dependencies as dependencies
 
     entered = threading.Semaphore(0)
     release = threading.Event()
-    real_decode = api.decode_upload
+    real_decode = dependencies.decode_upload
 
     def held_decode(*args, **kwargs):
         entered.release()
         assert release.wait(30), "the test never released the decodes"
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(api, "decode_upload", held_decode)
+    monkeypatch.setattr(dependencies, "decode_upload", held_decode)
     # Read-only: the module's client holds the gallery open for writing.
     settings = service_assets.settings(max_in_flight=2, cpu_workers=2, gallery_read_only=True)
     query = png_bytes(drawn_image("red", 0))

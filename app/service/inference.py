@@ -4,12 +4,15 @@ Images are cropped to 8-bit tensors on the request's thread (``prepare``: Pillow
 no tensor arithmetic, so request threads never start CPU kernel thread pools); the batcher
 stacks them, moves the uint8 batch to the device (a quarter of float32's bytes), normalises it
 there and runs one forward pass on its single worker thread (``embed_tensors``).
+
+That thread is the network's only user in the service: explanations and region re-pooling
+(``explain``, ``repool``) run there too, between batches, and hand back host-side results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,13 @@ from PIL import Image
 
 from app.service.batching import MicroBatcher
 from model.checkpoint import load_checkpoint
+from model.explain import PairExplanation, PooledParts, explain_pair, repool_with_regions
 from model.transforms import Normalise, eval_crop, to_uint8_tensor
 
-__all__ = ["Embedded", "InferenceEngine", "StartupError", "resolve_device"]
+__all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError", "resolve_device"]
+
+# Given the feature map's (h, w): the (favour, ignore) coverages in [0, 1] of its locations.
+RegionMarks = Callable[[tuple[int, int]], tuple[torch.Tensor, torch.Tensor]]
 
 
 class StartupError(RuntimeError):
@@ -125,3 +132,77 @@ class InferenceEngine:
     async def embed(self, tensor: torch.Tensor) -> Embedded:
         """Embed one prepared tensor through the micro-batcher."""
         return await self.batcher.submit(tensor)
+
+    def _feature_map(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The backbone's ``(1, C, h, w)`` map of one prepared image (model thread only)."""
+        return self.net.features(self.inputs([tensor]))
+
+    async def explain(self, query: torch.Tensor, match: torch.Tensor, top: int) -> PairExplanation:
+        """:func:`~model.explain.explain_pair` of two prepared images, on the model thread;
+        the result's tensors are on the host. Raises ``NotGSPError`` for a non-GSP network."""
+
+        def work() -> PairExplanation:
+            with torch.inference_mode():
+                pair = explain_pair(
+                    self.net, self._feature_map(query), self._feature_map(match), top=top
+                )
+                return _on_host(pair)
+
+        return await self.batcher.run(work)
+
+    async def repool(
+        self,
+        tensor: torch.Tensor,
+        marks: RegionMarks,
+        *,
+        strength: float,
+        transport_ratio: float | None,
+    ) -> Embedded:
+        """Embed one prepared image with marked regions favoured or ignored
+        (:func:`~model.explain.repool_with_regions`), on the model thread.
+
+        ``marks`` runs there too, once the feature map's size is known. Raises ``ExplainError``
+        for bad marks and ``NotGSPError`` for a non-GSP network.
+        """
+
+        def work() -> Embedded:
+            with torch.inference_mode():
+                features = self._feature_map(tensor)
+            favour, ignore = marks((int(features.shape[2]), int(features.shape[3])))
+            with torch.inference_mode():
+                output = repool_with_regions(
+                    self.net,
+                    features,
+                    favour_mask=favour,
+                    ignore_mask=ignore,
+                    strength=strength,
+                    transport_ratio=transport_ratio,
+                )
+                return Embedded(
+                    output.embedding[0].float().cpu().numpy(),
+                    output.weights[0].float().cpu().numpy(),
+                )
+
+        return await self.batcher.run(work)
+
+
+def _on_host(pair: PairExplanation) -> PairExplanation:
+    """``pair`` with its tensors copied off the device, for the threads that draw it."""
+
+    def parts(side: PooledParts) -> PooledParts:
+        return PooledParts(
+            embedding=side.embedding.cpu(),
+            weights=side.weights.cpu(),
+            parts=side.parts.cpu(),
+            maps=side.maps.cpu(),
+        )
+
+    return replace(
+        pair,
+        terms=pair.terms.cpu(),
+        query=parts(pair.query),
+        match=parts(pair.match),
+        top=[
+            replace(m, query_map=m.query_map.cpu(), match_map=m.match_map.cpu()) for m in pair.top
+        ],
+    )

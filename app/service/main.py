@@ -1,4 +1,4 @@
-"""The application factory: load model and gallery (fail fast), wire routes, logs and metrics."""
+"""The application factory: load model and gallery (fail fast), wire routers, logs and metrics."""
 
 from __future__ import annotations
 
@@ -8,22 +8,21 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.service.api import ApiError, build_router
-from app.service.batching import BatcherClosed
-from app.service.explain import router as explain_router
-from app.service.images import ImageRejected, treat_decompression_bombs_as_errors
+from app.service.dependencies import add_error_handlers, document_match_count
+from app.service.images import treat_decompression_bombs_as_errors
 from app.service.inference import InferenceEngine, resolve_device
 from app.service.logging import configure_logging
-from app.service.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from app.service.metrics import ServiceMetrics
 from app.service.middleware import AccessMiddleware, InFlightLimit
-from app.service.schemas import ErrorResponse, Health, Readiness
+from app.service.routes import OPERATIONS_ROUTER, V1_ROUTERS
+from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ServiceState
 from app.service.store import GalleryStore
@@ -36,10 +35,6 @@ __all__ = ["create_app"]
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 _service_log = logging.getLogger("gsp.service")
-
-
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse(ErrorResponse(detail=detail, code=code).model_dump(), status_code=status)
 
 
 def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
@@ -154,58 +149,15 @@ def create_app(settings: Settings) -> FastAPI:
         body_limit=settings.max_upload_bytes * settings.max_add_images + 1024 * 1024,
     )
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return _error(error.status, error.code, error.detail)
-
-    @app.exception_handler(ImageRejected)
-    async def image_rejected(request: Request, error: ImageRejected) -> JSONResponse:
-        return _error(error.status, error.code, error.message)
-
-    @app.exception_handler(BatcherClosed)
-    async def batcher_closed(request: Request, error: BatcherClosed) -> JSONResponse:
-        return _error(503, "unavailable", str(error))
-
+    add_error_handlers(app)
     # Every /v1 route may be refused by the in-flight limit; the OpenAPI document says so.
-    overloaded = {
+    overloaded: dict[int | str, dict[str, Any]] = {
         503: {"model": ErrorResponse, "description": "busy (GSP_MAX_IN_FLIGHT) or stopping; retry"}
     }
-    app.include_router(build_router(settings), responses=overloaded)
-    app.include_router(explain_router, responses=overloaded)
-
-    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
-    async def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Readiness,
-        responses={503: {"model": ErrorResponse}},
-        tags=["operations"],
-        summary="Readiness: model loaded, inference worker running, gallery open",
-    )
-    async def readyz() -> Readiness:
-        if not state.engine.batcher.running:
-            raise ApiError(503, "not_ready", "the inference worker is not running")
-        size = await state.store.run(len)
-        return Readiness(
-            status="ready",
-            model_fingerprint=state.engine.fingerprint,
-            device=str(state.engine.device),
-            gallery_size=size,
-            batching=settings.batching,
-            batch_max_size=settings.effective_batch_size,
-        )
-
-    @app.get(
-        "/metrics",
-        response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-        tags=["operations"],
-        summary="Prometheus metrics",
-    )
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    for router in V1_ROUTERS:
+        app.include_router(router, responses=overloaded)
+    app.include_router(OPERATIONS_ROUTER)
+    document_match_count(app, settings)
 
     @app.get("/", include_in_schema=False)
     async def index_page() -> FileResponse:

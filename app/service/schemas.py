@@ -4,23 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_RECTANGLES",
     "AddResponse",
     "AddedItem",
     "DeleteResponse",
     "ErrorResponse",
+    "ExplainResponse",
+    "ExplainedImage",
     "Health",
     "Heatmap",
     "ItemResponse",
     "Match",
+    "PrototypeExplanation",
     "QueryInfo",
     "Readiness",
+    "Regions",
     "ReloadResponse",
     "SearchResponse",
     "Timings",
 ]
+
+MAX_RECTANGLES = 64
 
 
 class ErrorResponse(BaseModel):
@@ -131,3 +138,56 @@ class Readiness(BaseModel):
     gallery_size: int
     batching: bool
     batch_max_size: int
+
+
+class PrototypeExplanation(BaseModel):
+    """One prototype both images use, and where each image found it."""
+
+    prototype: int = Field(description="index of the GSP prototype")
+    term: float = Field(description="this prototype's (k, k) term of the cosine similarity")
+    share: float = Field(description="term / score")
+    contribution: float = Field(
+        description="the prototype's part of the score: half the terms through it on each "
+        "side (all prototypes' contributions sum to the score)"
+    )
+    query: Heatmap = Field(description="mass the query sends to this prototype, per location")
+    match: Heatmap = Field(description="mass the match sends to this prototype, per location")
+
+
+class ExplainedImage(BaseModel):
+    id: int | None = Field(description="gallery item id, or null for an upload")
+    width: int
+    height: int
+    label: str | None = None
+    source: str | None = None
+    image_url: str | None = None
+    thumbnail_url: str | None = None
+    heatmap: Heatmap = Field(description="pooling weights (the sum of all prototypes' maps)")
+
+
+class ExplainResponse(BaseModel):
+    model_fingerprint: str
+    crop_fraction: float = Field(
+        description="heatmaps cover the centred square of this fraction of the short side"
+    )
+    score: float = Field(description="cosine similarity of the two images' embeddings")
+    stored_score: float | None = Field(
+        description="similarity with the match's stored gallery embedding (what search ranks by)"
+    )
+    shared_share: float = Field(description="share of the score carried by same-prototype terms")
+    decomposition_error: float = Field(description="|sum of all prototype terms - score|")
+    query: ExplainedImage
+    match: ExplainedImage
+    prototypes: list[PrototypeExplanation] = Field(description="largest shared terms first")
+    total_ms: float
+
+
+class Regions(BaseModel):
+    """Rectangles ``[x0, y0, x1, y1]`` on the original query image (the region search's
+    ``regions`` form field, as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    favour: list[list[float]] = Field(default_factory=list, max_length=MAX_RECTANGLES)
+    ignore: list[list[float]] = Field(default_factory=list, max_length=MAX_RECTANGLES)
+    units: str = Field(default="fraction", pattern="^(fraction|pixels)$")
