@@ -146,8 +146,8 @@ def _nearest(embeddings: Tensor) -> Tensor:
 
 def pointing(weights: Tensor, collage, crop_fraction: float) -> tuple[float, float]:
     """Share of images whose heaviest cell is the target cell, and the target-cell mass share."""
-    from model.data.collage import target_cell_mask
-    from model.evaluate import collage_masks, target_mass_share
+    from model.data.collage import collage_masks, target_cell_mask
+    from model.evaluate import target_mass_share
 
     grid = collage.grid
     size = tuple(weights.shape[1:])

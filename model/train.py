@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data import MPerClassBatchSampler
-from model.evaluate import EvalInputs, dataset_identity, default_split, open_dataset, score
+from model.data import MPerClassBatchSampler, dataset_identity, default_split, open_dataset
+from model.evaluate import EvalInputs, score
 from model.feature_cache import (
     FeatureMapSet,
     cached_feature_maps,
