@@ -13,12 +13,28 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the network's input: resize the short side, centre-crop, normalise."""
+    """How an image becomes the network's input: resize the short side, centre-crop, normalise.
+
+    The crop's share of the image is derived from the two sizes (``crop_pct``,
+    ``crop_fraction``), never stored, so every user of it agrees with the transform.
+    """
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def crop_pct(self) -> float:
+        """The centre crop's side over the resized short side (timm's ``crop_pct``); above 1 the
+        crop is larger than the resized image and pads around it."""
+        return self.image_size / self.resize_size
+
+    @property
+    def crop_fraction(self) -> float:
+        """The share of the resized short side that reaches the network: ``crop_pct``, at most 1
+        (padding shows nothing more of the image)."""
+        return min(1.0, self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
         return {

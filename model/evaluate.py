@@ -244,13 +244,12 @@ def evaluate_checkpoint(
     preprocessing = loaded.config.preprocessing
     splits = default_split(spec, training=False)
     sets = [open_dataset(spec, split, eval_transform(preprocessing)) for split in splits]
-    crop = min(1.0, preprocessing.image_size / preprocessing.resize_size)
     inputs = EvalInputs(
         net,
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
         collage=sets[0] if hasattr(sets[0], "target_cells") else None,
-        crop_fraction=crop,
+        crop_fraction=preprocessing.crop_fraction,
         num_workers=num_workers,
     )
     return score(inputs, batch_size, device)

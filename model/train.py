@@ -404,7 +404,6 @@ def build_eval_inputs(
     ctx = ctx or _Dist(0, 1, next(net.parameters()).device)
     splits = default_split(spec, training=False)
     preprocessing = config.model.preprocessing
-    crop = min(1.0, preprocessing.image_size / preprocessing.resize_size)
     if config.frozen_backbone:
         pairs = [_cached(config, net, spec, split, ctx) for split in splits]
         sets: list[Dataset] = [maps for maps, _ in pairs]
@@ -419,7 +418,7 @@ def build_eval_inputs(
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
         collage=query if hasattr(query, "target_cells") else None,
-        crop_fraction=crop,
+        crop_fraction=preprocessing.crop_fraction,
         num_workers=0 if config.frozen_backbone else config.data.num_workers,
     )
 

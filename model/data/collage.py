@@ -186,8 +186,8 @@ def target_cell_mask(
     (e.g. 14 x 14 on 2 x 2) partition exactly.
 
     ``crop_fraction`` is the side of the network input as a fraction of the resized canvas when it
-    was centre-cropped (``image_size / resize_size`` for :func:`~model.transforms.eval_transform`);
-    1.0 when the whole canvas was resized to the input.
+    was centre-cropped (:attr:`~model.config.Preprocessing.crop_fraction` for
+    :func:`~model.transforms.eval_transform`); 1.0 when the whole canvas was resized to the input.
     """
     row, col = target_cell
     h, w = (map_size, map_size) if isinstance(map_size, int) else map_size
