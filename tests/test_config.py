@@ -1,15 +1,23 @@
-"""The model config: the preprocessing's crop share agrees with the transform, and the config
-round-trips through JSON, including configs written before a field was derived."""
+"""The model config: the preprocessing's crop share agrees with the transform, ``pretrained``
+holds a flag or a weights path and nothing else, and the config round-trips through JSON,
+including configs written before a field was derived."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+from model.backbones import build_backbone
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig, Preprocessing
+from model.net import build_embedding_net
+from model.training_config import load_training_config
 from model.transforms import eval_crop
 
 
@@ -50,3 +58,38 @@ def test_preprocessing_json_keeps_only_the_sizes() -> None:
     assert preprocessing.crop_pct == pytest.approx(0.875)
     config = ModelConfig(preprocessing=preprocessing)
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("false", False)])
+def test_pretrained_flags_from_overrides_are_booleans(raw: str, value: bool) -> None:
+    config = load_training_config("configs/collage_gsp.yaml", [f"model.pretrained={raw}"])
+    assert config.model.pretrained is value
+    stored = json.loads(json.dumps(config.model.to_dict()))
+    assert ModelConfig.from_dict(stored).pretrained is value
+
+
+def test_pretrained_path_builds_those_weights_and_survives_the_checkpoint(tmp_path: Path) -> None:
+    reference = build_backbone("resnet18", pretrained=False)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+    config = load_training_config(
+        "configs/collage_gsp.yaml",
+        ["model.backbone=resnet18", f"model.pretrained={weights}", "model.embedding_dim=8"],
+    ).model
+    assert config.pretrained == str(weights)
+    net = build_embedding_net(config)
+    assert torch.equal(net.backbone.conv1.weight, reference.conv1.weight)
+
+    save_checkpoint(tmp_path / "checkpoint", net, config)
+    weights.unlink()  # loading a checkpoint never reads the starting weights again
+    loaded = load_checkpoint(tmp_path / "checkpoint")
+    assert loaded.config.pretrained == str(weights)
+    assert torch.equal(loaded.net.backbone.conv1.weight, reference.conv1.weight)
+
+
+@pytest.mark.parametrize("value", [1, 0.5, "", None, Path("weights.pth")])
+def test_pretrained_rejects_values_that_are_neither_a_flag_nor_a_path(value: object) -> None:
+    with pytest.raises(ValueError, match="true, false or the path of a weights file"):
+        ModelConfig(pretrained=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="true, false or the path"):
+        ModelConfig.from_dict({"pretrained": value})
