@@ -4,7 +4,7 @@ CIFAR-10 collages (2x2 grid of 32 px photos, one of a target class, the rest nui
 1,500 training and 400 test collages per target class) are upscaled to 224 px; the backbone's
 1280 x 7 x 7 feature maps are extracted once into the feature cache, then every head (1x1
 projection to 128-d, the same loss, batches, schedule and seeds) trains on the cache through the
-``gsp train`` job (``model.train.train``).  Reports mean ± standard deviation over seeds of
+``gsp train`` job (``model.training.train``).  Reports mean ± standard deviation over seeds of
 MAP@R, P@1 and the target-cell mass share (share of pooling weight on the class-bearing cell;
 uniform weights give 0.25), measured after the last epoch (no picking of epochs on the test
 split), and the seconds per run.
@@ -74,7 +74,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    from model.train import cache_features, train
+    from model.training import cache_features, train
     from model.training_config import load_training_config
 
     torch.set_num_threads(args.threads)

@@ -72,7 +72,7 @@ def _config(name: str, args: argparse.Namespace, output: Path):
 def _head(name: str, given: Path | None, args: argparse.Namespace, scratch: Path):
     """A trained head: the given checkpoint, or one trained now on the cached features."""
     from model.checkpoint import load_checkpoint
-    from model.train import train
+    from model.training import train
 
     config = _config(name, args, scratch / name)
     if given is None:
@@ -146,8 +146,8 @@ def _nearest(embeddings: Tensor) -> Tensor:
 
 def pointing(weights: Tensor, collage, crop_fraction: float) -> tuple[float, float]:
     """Share of images whose heaviest cell is the target cell, and the target-cell mass share."""
-    from model.data.collage import target_cell_mask
-    from model.evaluate import collage_masks, target_mass_share
+    from model.data.collage import collage_masks, target_cell_mask
+    from model.evaluate import target_mass_share
 
     grid = collage.grid
     size = tuple(weights.shape[1:])
@@ -201,7 +201,7 @@ def region_search(gsp, gap, maps, labels, collage, crop_fraction, generator) -> 
 def main() -> None:
     args = _parse()
     from model.explain import explain_pair, location_terms
-    from model.train import build_eval_inputs
+    from model.training.inputs import build_eval_inputs
 
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)

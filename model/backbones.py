@@ -21,7 +21,7 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
-from model.config import Preprocessing
+from model.config import Preprocessing, PretrainedWeights
 
 __all__ = [
     "BACKBONES",
@@ -176,7 +176,7 @@ def _shipped_lite0_file() -> Path:
     return files[0]
 
 
-def _lite0_model(pretrained: bool | str | os.PathLike[str], output_stride: int) -> nn.Module:
+def _lite0_model(pretrained: PretrainedWeights | os.PathLike[str], output_stride: int) -> nn.Module:
     """timm's efficientnet_lite0 (with its ImageNet head) carrying the requested weights."""
     model = timm.create_model(
         "efficientnet_lite0", pretrained=False, bn_eps=_LITE0_BN_EPS, output_stride=output_stride
@@ -213,7 +213,7 @@ def _dilate_last_stage(stage: nn.Module) -> None:
 
 
 def _resnet(
-    name: str, pretrained: bool | str | os.PathLike[str], output_stride: int
+    name: str, pretrained: PretrainedWeights | os.PathLike[str], output_stride: int
 ) -> FeatureBackbone:
     model = _TORCHVISION_BUILDERS[name](weights=None)
     if output_stride == 16:
@@ -240,7 +240,7 @@ def _resnet(
 
 
 def build_backbone(
-    name: str, pretrained: bool | str | os.PathLike[str] = True, output_stride: int = 32
+    name: str, pretrained: PretrainedWeights | os.PathLike[str] = True, output_stride: int = 32
 ) -> FeatureBackbone:
     """Build a backbone by name.
 

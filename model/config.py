@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
-__all__ = ["ModelConfig", "Preprocessing"]
+__all__ = ["ModelConfig", "Preprocessing", "PretrainedWeights"]
+
+PretrainedWeights: TypeAlias = bool | str
+"""A backbone's starting weights: ``True`` its ImageNet weights from the local cache or package,
+``False`` random initialisation, or the path of a local state_dict file (a string, so the config
+stays JSON)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -13,12 +18,28 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the network's input: resize the short side, centre-crop, normalise."""
+    """How an image becomes the network's input: resize the short side, centre-crop, normalise.
+
+    The crop's share of the image is derived from the two sizes (``crop_pct``,
+    ``crop_fraction``), never stored, so every user of it agrees with the transform.
+    """
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def crop_pct(self) -> float:
+        """The centre crop's side over the resized short side (timm's ``crop_pct``); above 1 the
+        crop is larger than the resized image and pads around it."""
+        return self.image_size / self.resize_size
+
+    @property
+    def crop_fraction(self) -> float:
+        """The share of the resized short side that reaches the network: ``crop_pct``, at most 1
+        (padding shows nothing more of the image)."""
+        return min(1.0, self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,15 +61,27 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of an :class:`~model.net.EmbeddingNet` plus its preprocessing."""
+    """Architecture of an :class:`~model.net.EmbeddingNet` plus its preprocessing.
+
+    ``pretrained`` is a :data:`PretrainedWeights` (a path as a string, e.g. ``str(path)``).
+    Whether the file exists is checked when the backbone is built, not here, so a config naming
+    weights on another machine still loads.
+    """
 
     backbone: str = "resnet50"
-    pretrained: bool = True
+    pretrained: PretrainedWeights = True
     output_stride: int = 32
     pooling: str = "gsp"
     embedding_dim: int = 512
     pooling_options: dict[str, float] = field(default_factory=dict)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pretrained, bool | str) or self.pretrained == "":
+            raise ValueError(
+                "model.pretrained must be true, false or the path of a weights file, "
+                f"got {self.pretrained!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

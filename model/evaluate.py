@@ -7,8 +7,6 @@ is added to it, and the neighbour count is raised so that every requested ``k`` 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from model.data import collage_masks, default_split, open_dataset
 from model.feature_cache import FeatureMapSet
 
 __all__ = [
@@ -214,92 +213,6 @@ def score(
     return metrics
 
 
-# -- data specs --------------------------------------------------------------------------------
-
-_BENCHMARKS = {"cub": "cub200", "cars": "cars196", "sop": "sop", "inshop": "inshop"}
-DATA_KINDS: tuple[str, ...] = ("folder", "csv", *_BENCHMARKS, "collage")
-_COLLAGE_OPTIONS = {"per_class", "grid", "seed", "cell_size", "target_classes", "nuisance_classes"}
-
-
-def data_kind(spec: dict[str, Any]) -> str:
-    """The one reader a data spec names (``folder``, ``csv``, ``cub``, ..., ``collage``)."""
-    kinds = [kind for kind in DATA_KINDS if kind in spec]
-    if len(kinds) != 1:
-        raise ValueError(f"a data spec names exactly one of {list(DATA_KINDS)}, got {spec!r}")
-    return kinds[0]
-
-
-def default_split(spec: dict[str, Any], training: bool) -> list[str]:
-    """The splits a spec stands for: train, or test (In-Shop: query and gallery)."""
-    if "split" in spec:
-        return [str(spec["split"])]
-    kind = data_kind(spec)
-    if kind in {"folder", "csv"}:
-        return ["all"]
-    if training:
-        return ["train"]
-    return ["query", "gallery"] if kind == "inshop" else ["test"]
-
-
-def open_dataset(spec: dict[str, Any], split: str, transform: Callable | None) -> Dataset:
-    """The data set a spec names, for one split, with ``transform`` applied to each image."""
-    from model.data.benchmarks import load_benchmark
-    from model.data.cifar import ensure_cifar10
-    from model.data.collage import CollageDataset
-    from model.data.folder import CsvListDataset, ImageFolderDataset
-
-    kind = data_kind(spec)
-    if kind == "folder":
-        return ImageFolderDataset(spec["folder"], transform=transform)
-    if kind == "csv":
-        return CsvListDataset(spec["csv"], root=spec.get("root"), transform=transform)
-    if kind in _BENCHMARKS:
-        return load_benchmark(_BENCHMARKS[kind], spec[kind], split, transform)
-    options = {key: value for key, value in spec.items() if key in _COLLAGE_OPTIONS}
-    unknown = set(spec) - _COLLAGE_OPTIONS - {"collage", "split"}
-    if unknown:
-        raise ValueError(
-            f"unknown collage options {sorted(unknown)}; known {sorted(_COLLAGE_OPTIONS)}"
-        )
-    if "per_class" not in options:
-        raise ValueError("a collage spec needs per_class (collages per target class)")
-    root = ensure_cifar10(spec["collage"] or None)
-    return CollageDataset(root, split, transform=transform, **options)
-
-
-def dataset_identity(
-    spec: dict[str, Any], split: str, dataset: Dataset | None = None
-) -> dict[str, Any]:
-    """What identifies a split's content (for cache keys): the spec, the split, the files.
-
-    ``dataset`` is the split already opened (any transform), to save opening it again.
-    """
-    dataset = open_dataset(spec, split, None) if dataset is None else dataset
-    samples = getattr(dataset, "samples", [])
-    listing = json.dumps([[str(path), label] for path, label in samples])
-    extra = json.dumps([list(map(str, c)) for c in getattr(dataset, "cell_sources", [])])
-    digest = hashlib.sha256((listing + extra).encode()).hexdigest()
-    return {"spec": spec, "split": split, "size": len(dataset), "content": digest}
-
-
-def collage_masks(
-    dataset: Dataset, map_size: tuple[int, int], crop_fraction: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """Target-cell masks ``(N, h, w)`` of a collage data set and the union of all cells' masks."""
-    from model.data.collage import target_cell_mask
-
-    grid = dataset.grid
-
-    def mask(cell: tuple[int, int]) -> Tensor:
-        return target_cell_mask(cell, grid, map_size, crop_fraction)
-
-    every = torch.zeros(map_size, dtype=torch.bool)
-    for cell in range(grid * grid):
-        every |= mask(divmod(cell, grid))
-    target = torch.stack([mask(tuple(cell)) for cell in dataset.target_cells])
-    return target, every.expand_as(target)
-
-
 _LABELS = {
     "precision_at_1": "P@1",
     "r_precision": "R-Precision",
@@ -331,13 +244,12 @@ def evaluate_checkpoint(
     preprocessing = loaded.config.preprocessing
     splits = default_split(spec, training=False)
     sets = [open_dataset(spec, split, eval_transform(preprocessing)) for split in splits]
-    crop = min(1.0, preprocessing.image_size / preprocessing.resize_size)
     inputs = EvalInputs(
         net,
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
         collage=sets[0] if hasattr(sets[0], "target_cells") else None,
-        crop_fraction=crop,
+        crop_fraction=preprocessing.crop_fraction,
         num_workers=num_workers,
     )
     return score(inputs, batch_size, device)

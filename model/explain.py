@@ -318,11 +318,11 @@ def crop_box(width: int, height: int, preprocessing: Preprocessing) -> tuple[flo
     """``(left, top, side)`` in original pixels of the square the network sees.
 
     ``eval_transform`` resizes the short side to ``resize_size`` and centre-crops
-    ``image_size``: a centred square of ``image_size / resize_size`` of the short side.
+    ``image_size``: a centred square of ``crop_pct`` of the short side (beyond it when padding).
     """
     if width < 1 or height < 1:
         raise ExplainError(f"image size must be positive, got {width}x{height}")
-    side = min(width, height) * preprocessing.image_size / preprocessing.resize_size
+    side = min(width, height) * preprocessing.crop_pct
     return (width - side) / 2, (height - side) / 2, side
 
 

@@ -13,7 +13,12 @@ import yaml
 from PIL import Image
 
 from model.net import build_embedding_net
-from model.train import decode_state, encode_state, seed_everything, train, warmup_cosine
+from model.training import train
+from model.training.checkpoints import RunDirectory
+from model.training.distributed import seed_everything
+from model.training.metrics_log import append_metrics, truncate_metrics
+from model.training.optim import warmup_cosine
+from model.training.state import TrainingParts, decode_state, encode_state, save_trainer_state
 from model.training_config import TrainingConfig, apply_overrides, load_training_config
 
 
@@ -167,6 +172,28 @@ def test_trainer_state_round_trips_without_pickle() -> None:
     assert torch.equal(
         restored.state_dict()["state"][0]["exp_avg"], optimizer.state[param]["exp_avg"]
     )
+
+
+def test_resume_starts_after_the_last_complete_epoch_and_forgets_later_metrics(
+    tmp_path: Path,
+) -> None:
+    """An epoch directory without its trainer state (a crash while writing it) is not resumable,
+    and the metrics lines of epochs a resumed run redoes are dropped."""
+    run = RunDirectory(tmp_path)
+    assert run.last_epoch() == 0 and run.best_epoch() is None
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    parts = TrainingParts(None, torch.nn.Linear(1, 1), optimizer, scheduler)  # type: ignore[arg-type]
+    for epoch in (1, 2):
+        run.epoch_dir(epoch).mkdir()
+    save_trainer_state(run.epoch_dir(1), parts, epoch=1, best_map=0.5)
+    (tmp_path / "epoch-x").mkdir()  # not an epoch
+    assert run.last_epoch() == 1
+    for epoch in (1, 2, 3):
+        append_metrics(tmp_path, {"epoch": epoch, "loss": 1.0})
+    truncate_metrics(tmp_path, run.last_epoch())
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1]
 
 
 def test_schedule_warms_up_then_decays() -> None:

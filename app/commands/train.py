@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.train import train
+    from model.training import train
     from model.training_config import load_training_config
 
     config = load_training_config(args.config, args.overrides)

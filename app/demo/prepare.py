@@ -1,7 +1,7 @@
 """Demo preparation: the built-in model and gallery, made offline and cached under .cache/demo.
 
 The demo model is EfficientNet-Lite0 with its shipped ImageNet weights, frozen, and a GSP head
-trained by :func:`model.train.train` (frozen-backbone mode) on generated training scenes.  The
+trained by :func:`model.training.train` (frozen-backbone mode) on generated training scenes.  The
 demo gallery is a second, separately seeded set of scenes indexed with that model.  Each stage
 lives in a directory named by a hash of everything that determines it (scene parameters, seeds,
 sizes, model and training settings, code version), and is marked complete by a ``ready.json``
@@ -175,7 +175,7 @@ def prepare_model(spec: DemoSpec, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     checkpoint = directory / "checkpoint"
     if _ready(directory) is not None:
         return checkpoint
-    from model.train import train
+    from model.training import train
     from model.training_config import (
         DataConfig,
         LossConfig,

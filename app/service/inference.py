@@ -76,9 +76,7 @@ class InferenceEngine:
         self._crop = eval_crop(self.preprocessing)
         self._normalise = Normalise(self.preprocessing, device)
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
-        self.crop_fraction = min(
-            1.0, self.preprocessing.image_size / self.preprocessing.resize_size
-        )
+        self.crop_fraction = self.preprocessing.crop_fraction
         self.batcher: MicroBatcher[torch.Tensor, Embedded] = MicroBatcher(
             self.embed_tensors,
             max_batch_size=max_batch_size,

@@ -1,6 +1,7 @@
 """Data: readers for folders, CSV lists and the metric-learning benchmarks, the CIFAR-10 collage
-benchmark, and m-per-class batch sampling. Every data set yields ``(image, label)`` and exposes
-``.samples`` (path, label), ``.classes`` and ``.targets``."""
+benchmark, the data specs that name them in configs, and m-per-class batch sampling. Every data
+set yields ``(image, label)`` and exposes ``.samples`` (path, label), ``.classes`` and
+``.targets``."""
 
 from model.data.base import IMAGE_EXTENSIONS, LabeledImageDataset, load_image
 from model.data.benchmarks import BENCHMARK_SPLITS, BenchmarkDataset, load_benchmark
@@ -9,14 +10,23 @@ from model.data.collage import (
     DEFAULT_NUISANCE_CLASSES,
     DEFAULT_TARGET_CLASSES,
     CollageDataset,
+    collage_masks,
     target_cell_mask,
 )
 from model.data.folder import CsvListDataset, ImageFolderDataset, list_images
+from model.data.registry import (
+    DATA_KINDS,
+    data_kind,
+    dataset_identity,
+    default_split,
+    open_dataset,
+)
 from model.data.sampling import MPerClassBatchSampler
 
 __all__ = [
     "BENCHMARK_SPLITS",
     "CIFAR10_CLASSES",
+    "DATA_KINDS",
     "DEFAULT_NUISANCE_CLASSES",
     "DEFAULT_TARGET_CLASSES",
     "IMAGE_EXTENSIONS",
@@ -26,9 +36,14 @@ __all__ = [
     "ImageFolderDataset",
     "LabeledImageDataset",
     "MPerClassBatchSampler",
+    "collage_masks",
+    "data_kind",
+    "dataset_identity",
+    "default_split",
     "ensure_cifar10",
     "list_images",
     "load_benchmark",
     "load_image",
+    "open_dataset",
     "target_cell_mask",
 ]

@@ -4,7 +4,8 @@ Carries the paper's CIFAR-collage protocol over to CIFAR-10. Each item is a squa
 ``grid x grid`` cells of ``cell_size`` pixels; one cell, at a random position, holds a photo of a
 target class (the label), every other cell a photo of a nuisance class. A pooling that finds the
 informative cell should put its weight there; :func:`target_cell_mask` says which feature-map
-locations that cell covers, for the "target-cell mass share" metric.
+locations that cell covers (:func:`collage_masks`: for every collage of a data set), for the
+"target-cell mass share" metric.
 
 Collages are planned up front (which photo goes where, from a seeded generator) and painted
 lazily in ``__getitem__``: planning 7 x 1,500 collages takes well under a second, painting one
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_NUISANCE_CLASSES",
     "DEFAULT_TARGET_CLASSES",
     "CollageDataset",
+    "collage_masks",
     "target_cell_mask",
 ]
 
@@ -184,8 +186,8 @@ def target_cell_mask(
     (e.g. 14 x 14 on 2 x 2) partition exactly.
 
     ``crop_fraction`` is the side of the network input as a fraction of the resized canvas when it
-    was centre-cropped (``image_size / resize_size`` for :func:`~model.transforms.eval_transform`);
-    1.0 when the whole canvas was resized to the input.
+    was centre-cropped (:attr:`~model.config.Preprocessing.crop_fraction` for
+    :func:`~model.transforms.eval_transform`); 1.0 when the whole canvas was resized to the input.
     """
     row, col = target_cell
     h, w = (map_size, map_size) if isinstance(map_size, int) else map_size
@@ -203,3 +205,19 @@ def target_cell_mask(
         return (position.floor() == index) & ~on_border
 
     return on_cell(h, row)[:, None] & on_cell(w, col)[None, :]
+
+
+def collage_masks(
+    dataset: CollageDataset, map_size: tuple[int, int], crop_fraction: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target-cell masks ``(N, h, w)`` of a collage data set and the union of all cells' masks."""
+    grid = dataset.grid
+
+    def mask(cell: tuple[int, int]) -> torch.Tensor:
+        return target_cell_mask(cell, grid, map_size, crop_fraction)
+
+    every = torch.zeros(map_size, dtype=torch.bool)
+    for cell in range(grid * grid):
+        every |= mask(divmod(cell, grid))
+    target = torch.stack([mask(tuple(cell)) for cell in dataset.target_cells])
+    return target, every.expand_as(target)

@@ -1,0 +1,21 @@
+"""The training job: a metric-learning run from a :class:`~model.training_config.TrainingConfig`
+to checkpoints.
+
+One code path serves a laptop, one GPU and ``torchrun`` (DistributedDataParallel when
+``WORLD_SIZE`` > 1; only rank 0 writes).  With ``frozen_backbone`` the backbone's feature maps
+are cached once and only the pooling (and loss) train, on the cache.  A run writes a
+checkpoint directory (``epoch-NNN``, every ``checkpoint_every`` epochs and after the last) with
+the trainer state beside the weights (safetensors + JSON, never pickle) for ``resume``, the
+validation metrics and the ``metrics.png`` plot; every epoch adds a line to ``metrics.jsonl``.
+The best checkpointed epoch by MAP@R is copied to ``best``.
+
+Modules: ``loop`` (the epochs), ``distributed`` (process group, seeding), ``inputs`` (training
+batches, validation inputs), ``feature_maps`` (the frozen backbone's cached maps), ``step``
+(forward and objective), ``optim`` (optimiser, schedule), ``checkpoints`` (the run directory),
+``state`` (the trainer state without pickle), ``metrics_log`` (JSONL and plot).
+"""
+
+from model.training.feature_maps import cache_features
+from model.training.loop import TrainResult, train
+
+__all__ = ["TrainResult", "cache_features", "train"]
