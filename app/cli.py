@@ -10,17 +10,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
+
+from model.version import package_version
 
 COMMAND_MODULES: tuple[str, ...] = ("serve", "train", "evaluate", "index", "demo", "explain")
-
-
-def package_version() -> str:
-    """The installed distribution's version, or the source tree's when not installed."""
-    try:
-        return version("gsp-retrieval")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 benchmark, and m-per-class batch sampling. Every data set yields ``(image, label)`` and exposes
 ``.samples`` (path, label), ``.classes`` and ``.targets``."""
 
-from model.data.base import IMAGE_EXTENSIONS, LabeledImageDataset, load_image
+from model.data.base import LabeledImageDataset, load_image
 from model.data.benchmarks import BENCHMARK_SPLITS, BenchmarkDataset, load_benchmark
 from model.data.cifar import CIFAR10_CLASSES, ensure_cifar10
 from model.data.collage import (
@@ -19,7 +19,6 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DEFAULT_NUISANCE_CLASSES",
     "DEFAULT_TARGET_CLASSES",
-    "IMAGE_EXTENSIONS",
     "BenchmarkDataset",
     "CollageDataset",
     "CsvListDataset",
