@@ -200,10 +200,11 @@ def _info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import torch
 
-    from index.build import open_for_model, resolve_device
+    from index.build import open_for_model
     from index.errors import GalleryError
     from index.images import decode_image
     from model.checkpoint import load_checkpoint
+    from model.hardware import resolve_device
     from model.transforms import eval_transform
 
     if args.k <= 0:

@@ -19,7 +19,7 @@ from app.service.api import ApiError, build_router
 from app.service.batching import BatcherClosed
 from app.service.explain import router as explain_router
 from app.service.images import ImageRejected, treat_decompression_bombs_as_errors
-from app.service.inference import InferenceEngine, resolve_device
+from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
 from app.service.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from app.service.middleware import AccessMiddleware, InFlightLimit
@@ -28,6 +28,7 @@ from app.service.settings import Settings
 from app.service.state import ServiceState
 from app.service.store import GalleryStore
 from app.service.workers import CpuWorkers
+from model.hardware import DeviceError, resolve_device
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -53,9 +54,13 @@ def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
 
 
 def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
+    try:
+        device = resolve_device(settings.device)
+    except DeviceError as error:
+        raise StartupError(str(error)) from error
     engine = InferenceEngine(
         settings.checkpoint,
-        resolve_device(settings.device),
+        device,
         max_batch_size=settings.effective_batch_size,
         max_wait_ms=settings.batch_max_wait_ms,
         on_batch=metrics.observe_batch,
