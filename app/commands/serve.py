@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -34,13 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from app.service.inference import StartupError
-    from app.service.main import create_app
-    from app.service.settings import Settings
-
     overrides = {
         "checkpoint": args.checkpoint,
         "gallery": args.gallery,
@@ -50,6 +44,20 @@ def run(args: argparse.Namespace) -> int:
         "batch_max_wait_ms": args.batch_max_wait_ms,
         "batching": False if args.no_batching else None,
     }
+    return serve(overrides, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def serve(overrides: Mapping[str, object], *, host: str, port: int, log_level: str = "info") -> int:
+    """Serve until stopped, with the ``GSP_*`` settings (environment, ``.env``) and the given
+    ``overrides`` of them (None values left out); 2 for invalid settings, 1 when the service
+    cannot start (say a checkpoint that is not there)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.service.inference import StartupError
+    from app.service.main import create_app
+    from app.service.settings import Settings
+
     try:
         settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
         app = create_app(settings)
@@ -59,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as error:
         print(f"gsp serve: cannot start: {error}", file=sys.stderr)
         return 1
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    shown = f"[{host}]" if ":" in host else host
     print(
-        f"Serving on http://{host}:{args.port}/ (API docs: http://{host}:{args.port}/docs)",
+        f"Serving on http://{shown}:{port}/ (API docs: http://{shown}:{port}/docs)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     return 0
