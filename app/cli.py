@@ -28,9 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """``argv`` parsed, then checked where argparse cannot check (``args.complete``: a gallery
+    named the old way, app/commands/options.py)."""
+    args = parser.parse_args(argv)
+    complete = vars(args).pop("complete", None)
+    if complete is not None:
+        complete(args)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2

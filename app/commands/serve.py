@@ -7,6 +7,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from app.commands.options import add_device_option, add_gallery_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "environment variable (or in .env); options given here win.",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (GSP_CHECKPOINT)")
-    parser.add_argument("--gallery", type=Path, help="gallery directory (GSP_GALLERY)")
+    add_gallery_option(parser, required=False, help_text="gallery directory (GSP_GALLERY)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="GSP_DEVICE")
+    add_device_option(parser, default=None, default_text="GSP_DEVICE, else auto")
     parser.add_argument(
         "--image-root",
         type=Path,
