@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from model.runtime import RuntimeOptions, set_runtime_options
 from model.version import package_version
 
 COMMAND_MODULES: tuple[str, ...] = ("serve", "train", "evaluate", "index", "demo", "explain")
@@ -46,6 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    try:
+        # The GSP layer's switches, read once for the whole command (model/runtime.py);
+        # `gsp serve` then applies its settings', which also read .env.
+        set_runtime_options(RuntimeOptions.from_environment())
+    except ValueError as error:
+        print(f"gsp: {error}", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

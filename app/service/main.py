@@ -29,6 +29,7 @@ from app.service.state import ServiceState
 from app.service.store import GalleryStore
 from app.service.workers import CpuWorkers
 from model.hardware import DeviceError, resolve_device
+from model.runtime import RuntimeOptions, set_runtime_options
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -103,6 +104,8 @@ def create_app(settings: Settings) -> FastAPI:
     checkpoint or gallery is missing, unreadable or made by a different model."""
     configure_logging()
     treat_decompression_bombs_as_errors()
+    # Process-wide, and before the model's warm-up compiles anything.
+    set_runtime_options(RuntimeOptions(kernel=settings.kernel, compile=settings.compile))
     metrics = ServiceMetrics()
     state = _load(settings, metrics)
 

@@ -10,8 +10,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.hardware import DEVICE_NAMES, check_device_name, usable_cpus
+from model.runtime import Kernel, RuntimeOptions
 
 __all__ = ["Settings"]
+
+_RUNTIME_DEFAULTS = RuntimeOptions()
 
 
 def _split_list(value: object) -> object:
@@ -37,6 +40,15 @@ class Settings(BaseSettings):
         "same directory in place (then SIGHUP or reload-gallery to pick it up)",
     )
     device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
+    kernel: Kernel = Field(
+        default=_RUNTIME_DEFAULTS.kernel,
+        description="how the GSP layer runs on CUDA: 'compiled' (torch.compile'd parts) or "
+        "'triton' (hand-written kernels)",
+    )
+    compile: bool = Field(
+        default=_RUNTIME_DEFAULTS.compile,
+        description="torch.compile the GSP layer's parts on CUDA (false: run them eagerly)",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0, description="decoded width x height limit")
     max_k: int = Field(default=100, ge=1, le=10_000)
