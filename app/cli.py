@@ -10,17 +10,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
+
+from model.runtime import RuntimeOptions, set_runtime_options
+from model.version import package_version
 
 COMMAND_MODULES: tuple[str, ...] = ("serve", "train", "evaluate", "index", "demo", "explain")
-
-
-def package_version() -> str:
-    """The installed distribution's version, or the source tree's when not installed."""
-    try:
-        return version("gsp-retrieval")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +29,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """``argv`` parsed, then checked where argparse cannot check (``args.complete``: a gallery
+    named the old way, app/commands/options.py)."""
+    args = parser.parse_args(argv)
+    complete = vars(args).pop("complete", None)
+    if complete is not None:
+        complete(args)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    try:
+        # The GSP layer's switches, read once for the whole command (model/runtime.py);
+        # `gsp serve` then applies its settings', which also read .env.
+        set_runtime_options(RuntimeOptions.from_environment())
+    except ValueError as error:
+        print(f"gsp: {error}", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

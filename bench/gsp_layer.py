@@ -9,14 +9,12 @@ default) and the hand-written Triton kernels (``GSP_KERNEL=triton``).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torchvision
@@ -24,6 +22,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.gsp import GeneralizedSumPooling
+from model.runtime import Kernel, using_runtime_options
 from model.transport import partial_transport
 from tests.reference_transport import fixed_point_transport
 
@@ -65,11 +64,12 @@ def interleaved(fns: dict[str, Callable[[], object]], device, repeats: int) -> d
     return {name: min(values) for name, values in results.items()}
 
 
-def on_kernels(kernel: str, fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` run with ``GSP_KERNEL=kernel``: how the layer runs on CUDA."""
+def on_kernels(kernel: Kernel, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with the runtime option ``kernel`` (``GSP_KERNEL``): how the layer runs on
+    CUDA."""
 
     def run() -> None:
-        with mock.patch.dict(os.environ, {"GSP_KERNEL": kernel}):
+        with using_runtime_options(kernel=kernel):
             fn()
 
     return run

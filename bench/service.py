@@ -142,8 +142,9 @@ def in_process_ms(
     thread and from a worker thread (as the server does; the faster is the reference), and each
     of the server's stages alone on the main thread, to set beside the server's own timings."""
     from app.service.images import decode_image
-    from app.service.inference import InferenceEngine, resolve_device
+    from app.service.inference import InferenceEngine
     from index.gallery import Gallery
+    from model.hardware import resolve_device
 
     engine = InferenceEngine(checkpoint, resolve_device(device), max_batch_size=1, max_wait_ms=0)
     gallery = Gallery.open(gallery_dir, read_only=True)

@@ -46,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from starlette.concurrency import run_in_threadpool
 
 from app.service.images import decode_image
-from app.service.workers import CpuWorkers, usable_cpus
+from app.service.workers import CpuWorkers
 from index.images import decode_image as indexer_decode
 from model.config import Preprocessing
+from model.hardware import usable_cpus
 from model.transforms import Normalise, eval_crop, eval_transform, to_uint8_tensor
 
 LIMITS = {"max_bytes": 1 << 30, "max_pixels": 1 << 30}

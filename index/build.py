@@ -23,6 +23,7 @@ from tqdm import tqdm
 from index.gallery import Gallery, ItemInput
 from index.images import decode_image, find_images
 from index.snapshot import CURRENT
+from model.hardware import resolve_device, resolve_workers
 
 __all__ = [
     "BuildReport",
@@ -30,7 +31,6 @@ __all__ = [
     "index_files",
     "open_for_model",
     "open_or_create",
-    "resolve_device",
 ]
 
 FAILURES_FILE = "build-failures.jsonl"
@@ -112,22 +112,6 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_workers(workers: int | str) -> int:
-    if workers == "auto":
-        return min(8, max(1, (os.cpu_count() or 2) - 1))
-    count = int(workers)
-    if count < 0:
-        raise ValueError(f"workers must be >= 0 or 'auto', got {workers}")
-    return count
-
-
 def open_for_model(directory: Path, loaded: Any, *, read_only: bool = False) -> Gallery:
     """Open the gallery at ``directory``; one built by another model or preprocessing than the
     loaded checkpoint's is refused, since its embeddings could not be compared."""
@@ -172,7 +156,7 @@ def index_files(
     target = resolve_device(device)
     net = loaded.net.to(target).eval()
     dataset = _FileDataset(files, frozenset(gallery.known_sha256()), loaded.config.preprocessing)
-    num_workers = _resolve_workers(workers)
+    num_workers = resolve_workers(workers)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from model.image_files import is_image_name
+
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "decode_image",
     "draft_at_least",
     "find_images",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format names accepted whatever the extension says (MPO is a multi-picture JPEG).
 _FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
 
@@ -34,7 +34,7 @@ def find_images(root: str | os.PathLike[str]) -> Iterator[Path]:
     for directory, subdirs, files in os.walk(base):
         subdirs.sort()
         for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image_name(name):
                 yield Path(directory) / name
 
 

@@ -11,7 +11,6 @@ that embedded them.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from torch import Tensor
 from model.backbones import state_dict_mismatch
 from model.config import ModelConfig
 from model.net import EmbeddingNet, build_embedding_net
+from model.version import package_version
 
 __all__ = [
     "CONFIG_FILE",
@@ -46,7 +46,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 FINGERPRINT_CHARS = 16
-_PACKAGE = "gsp-retrieval"
 _RECORD_KEYS = {"format_version", "model", "fingerprint", "metadata"}
 _AUTOMATIC_METADATA = ("code_version", "created")
 
@@ -81,13 +80,6 @@ def fingerprint(tensors: Mapping[str, Tensor], config: ModelConfig) -> str:
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def _code_version() -> str:
-    try:
-        return importlib.metadata.version(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -120,7 +112,7 @@ def save_checkpoint(
         "model": config.to_dict(),
         "metadata": {
             **metadata,
-            "code_version": _code_version(),
+            "code_version": package_version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }

@@ -3,7 +3,7 @@
 At the sizes of a pooling layer a GPU finishes each eager operation in microseconds, so kernel
 launches, not arithmetic, set the time; compiling fuses a part's operations into a few kernels.
 On a CPU the arithmetic dominates and compiling (seconds, a C++ toolchain) would not pay.
-``GSP_COMPILE=0`` keeps CUDA eager too.
+The runtime option ``compile=False`` (``GSP_COMPILE=0``, model/runtime.py) keeps CUDA eager too.
 
 Shapes follow torch's default (``dynamic=None``): the first call compiles for its exact sizes;
 a call with other sizes recompiles once with the sizes that changed left symbolic. A training
@@ -14,11 +14,12 @@ run batches of 1 and 2 has compiled every batch size (tests/test_gsp.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+
+from model.runtime import runtime_options
 
 __all__ = ["compile_enabled", "fused"]
 
@@ -29,7 +30,7 @@ _compiled: dict[Callable, Callable] = {}
 
 def compile_enabled(device: torch.device) -> bool:
     """Whether the layer's parts run compiled on ``device``."""
-    return device.type == "cuda" and os.environ.get("GSP_COMPILE", "1") != "0"
+    return device.type == "cuda" and runtime_options().compile
 
 
 def fused(part: F, device: torch.device) -> F:

@@ -7,14 +7,13 @@ model/compiling.py) with one host synchronisation, instead of a dozen separate c
 backward recomputes the cheap cost and pooling steps (``torch.func.vjp``) around the solver's
 implicit gradient, so nothing beyond the inputs, the assignment and ``u + l`` is stored.
 
-``GSP_KERNEL=triton`` swaps that function on CUDA for one whose transport and pooling are two
-hand-written Triton kernels (model/gsp_triton.py): same outputs, gradients and errors, fewer
-launches; it becomes the default once measured faster on a GPU.
+The runtime option ``kernel="triton"`` (``GSP_KERNEL=triton``, model/runtime.py) swaps that
+function on CUDA for one whose transport and pooling are two hand-written Triton kernels
+(model/gsp_triton.py): same outputs, gradients and errors, fewer launches; it becomes the
+default once measured faster on a GPU.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from model.checks import DeferredChecks, all_finite
 from model.compiling import fused
+from model.runtime import runtime_options
 from model.solver import (
     NON_FINITE_COST,
     Begun,
@@ -34,7 +34,6 @@ from model.solver import (
 )
 
 __all__ = [
-    "KERNELS",
     "cosine_costs",
     "cosines",
     "gsp_pool",
@@ -42,9 +41,6 @@ __all__ = [
     "pooled_vector",
     "triton_selected",
 ]
-
-# How gsp_pool runs on CUDA: torch.compile'd parts, or the hand-written Triton kernels.
-KERNELS = ("compiled", "triton")
 
 _NOT_FINITE = "feature map (or its projection) contains NaN or infinite values"
 
@@ -251,13 +247,10 @@ class _TritonGSPPool(torch.autograd.Function):
 
 
 def triton_selected(device: torch.device, locations: int) -> bool:
-    """Whether :func:`gsp_pool` runs the Triton kernels: on CUDA with ``GSP_KERNEL=triton``
-    (the compiled parts by default, until a GPU measurement says otherwise), for feature maps
-    of at most ``model.gsp_triton.MAX_LOCATIONS`` locations."""
-    choice = os.environ.get("GSP_KERNEL", "compiled")
-    if choice not in KERNELS:
-        raise ValueError(f"GSP_KERNEL must be one of {', '.join(KERNELS)}, got {choice!r}")
-    if choice != "triton" or device.type != "cuda":
+    """Whether :func:`gsp_pool` runs the Triton kernels: on CUDA when the runtime options say
+    ``kernel="triton"`` (the compiled parts by default, until a GPU measurement says otherwise),
+    for feature maps of at most ``model.gsp_triton.MAX_LOCATIONS`` locations."""
+    if runtime_options().kernel != "triton" or device.type != "cuda":
         return False
     try:
         from model.gsp_triton import MAX_LOCATIONS

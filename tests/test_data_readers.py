@@ -21,6 +21,7 @@ from model.data import (
     ImageFolderDataset,
     LabeledImageDataset,
     MPerClassBatchSampler,
+    list_images,
     load_benchmark,
     load_image,
 )
@@ -420,3 +421,16 @@ def test_sampler_feeds_a_dataloader(tmp_path) -> None:
 def test_sampler_rejects_impossible_batches(m, batch_size, match) -> None:
     with pytest.raises(ValueError, match=match):
         MPerClassBatchSampler(LABELS, m=m, batch_size=batch_size)
+
+
+def test_training_readers_and_the_indexer_take_the_same_files_for_images(tmp_path) -> None:
+    from index.images import find_images
+
+    images = ["a.JPG", "b.jpeg", "c.Png", "d.webp", "e.tif", "deep/f.TIFF", "deep/g.bmp", "h.gif"]
+    others = ["notes.txt", "raw.cr2", "jpg", "x.jpg.part", "deep/.DS_Store"]
+    for name in images + others:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = {tmp_path / name for name in images}
+    assert set(list_images(tmp_path)) == expected
+    assert set(find_images(tmp_path)) == expected

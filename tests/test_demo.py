@@ -15,6 +15,9 @@ from app.cli import build_parser
 from app.demo.prepare import DemoSpec, box_weight_share, prepare_demo, prepare_user_gallery
 from app.demo.scenes import CLASSES, SceneConfig, generate_scenes, render_scene
 from index.gallery import Gallery
+from tests.test_index_build import checkpoint, write_images
+
+__all__ = ["checkpoint"]  # the fixture, shared with the build tests
 
 SMALL = SceneConfig(image_size=96)
 
@@ -175,3 +178,41 @@ def test_demo_command_line() -> None:
     assert args.gallery_source is None and args.cache_dir == Path(".cache/demo")
     with pytest.raises(SystemExit):
         parser.parse_args(["demo"])
+
+
+def test_demo_serve_hands_the_prepared_model_gallery_and_images_to_the_service(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gsp demo serve` starts the service itself (app/commands/serve.py's ``serve``) with the
+    prepared assets; uvicorn's loop is replaced by a client of the application it was given."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    import app.demo.prepare as prepare
+    from app.cli import main
+    from app.demo.prepare import DemoAssets
+    from index.build import build_gallery
+
+    photos = tmp_path / "photos"
+    write_images(photos, range(3))
+    gallery = tmp_path / "gallery"
+    build_gallery(photos, checkpoint, gallery, workers=0, progress=False)
+    assets = DemoAssets(checkpoint, gallery, photos, report={}, reused=True)
+    monkeypatch.setattr(prepare, "prepare_user_gallery", lambda source, cache_dir: assets)
+    served: dict[str, object] = {}
+
+    def run(app, *, host: str, port: int, **options: object) -> None:
+        with TestClient(app) as client:
+            served.update(
+                host=host,
+                port=port,
+                ready=client.get("/readyz").json(),
+                image=client.get("/v1/gallery/1/image").status_code,
+            )
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    argv = ["demo", "serve", "--gallery-source", str(photos), "--port", "8391"]
+    assert main(argv) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 8391
+    assert served["ready"]["gallery_size"] == 3  # the prepared gallery
+    assert served["image"] == 200  # its images are under the image root the demo passed

@@ -14,6 +14,7 @@ from model.gsp import (
     build_pooling,
     greedy_k_center,
 )
+from model.runtime import Kernel, using_runtime_options
 
 
 def feature_map(batch: int = 3, channels: int = 16, size: int = 5, dtype=torch.float64):
@@ -232,18 +233,20 @@ def test_unknown_pooling_name() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["compiled", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast(dtype: torch.dtype, kernel: str, monkeypatch) -> None:
-    monkeypatch.setenv("GSP_KERNEL", kernel)  # model/gsp_function.py
-    layer = GeneralizedSumPooling(64, 32, entropy_weight=100.0).cuda()
-    features = torch.randn(8, 64, 14, 14, device="cuda")
-    with torch.autocast("cuda", dtype=dtype):
-        result = layer(features)
-        result.embedding.float().sum().backward()
-    assert torch.isfinite(result.embedding).all()
-    assert torch.allclose(result.weights.mean(dim=(1, 2)), torch.ones(8, device="cuda"), atol=1e-4)
-    # At a moderate temperature half precision changes the weights only slightly.
-    moderate = GeneralizedSumPooling(64, 32, entropy_weight=5.0).cuda()
-    with torch.autocast("cuda", dtype=dtype):
-        half = moderate(features).weights
-    full = moderate(features).weights
-    assert (half - full).abs().max() < 0.05 * full.max()
+def test_cuda_autocast(dtype: torch.dtype, kernel: Kernel) -> None:
+    with using_runtime_options(kernel=kernel):
+        layer = GeneralizedSumPooling(64, 32, entropy_weight=100.0).cuda()
+        features = torch.randn(8, 64, 14, 14, device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            result = layer(features)
+            result.embedding.float().sum().backward()
+        assert torch.isfinite(result.embedding).all()
+        assert torch.allclose(
+            result.weights.mean(dim=(1, 2)), torch.ones(8, device="cuda"), atol=1e-4
+        )
+        # At a moderate temperature half precision changes the weights only slightly.
+        moderate = GeneralizedSumPooling(64, 32, entropy_weight=5.0).cuda()
+        with torch.autocast("cuda", dtype=dtype):
+            half = moderate(features).weights
+        full = moderate(features).weights
+        assert (half - full).abs().max() < 0.05 * full.max()

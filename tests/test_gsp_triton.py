@@ -22,6 +22,7 @@ import torch
 import model.compiling as compiling
 import model.gsp_function as gsp_function
 from model.gsp import GeneralizedSumPooling
+from model.runtime import RuntimeOptions, using_runtime_options
 
 # Triton comes with torch's Linux wheels only; elsewhere the layer has its compiled path alone.
 pytest.importorskip("triton", reason="Triton is not installed (torch ships it on Linux)")
@@ -71,25 +72,25 @@ def test_kernels_under_the_interpreter() -> None:
 
 
 def test_asking_for_the_kernels_without_triton_says_what_is_missing(monkeypatch) -> None:
-    monkeypatch.setenv("GSP_KERNEL", "triton")
     monkeypatch.delitem(sys.modules, "model.gsp_triton")
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails
-    with pytest.raises(RuntimeError, match="GSP_KERNEL=triton needs the triton package"):
+    with (
+        using_runtime_options(kernel="triton"),
+        pytest.raises(RuntimeError, match="GSP_KERNEL=triton needs the triton package"),
+    ):
         gsp_function.triton_selected(torch.device("cuda"), 49)
 
 
-def test_the_kernels_run_on_cuda_when_gsp_kernel_is_triton(monkeypatch) -> None:
+def test_the_kernels_run_on_cuda_when_the_runtime_options_choose_them() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("GSP_KERNEL", raising=False)
-    assert not gsp_function.triton_selected(cuda, 49)  # the compiled parts by default
-    monkeypatch.setenv("GSP_KERNEL", "triton")
-    assert gsp_function.triton_selected(cuda, 49)
-    assert gsp_function.triton_selected(cuda, MAX_LOCATIONS)
-    assert not gsp_function.triton_selected(cuda, MAX_LOCATIONS + 1)
-    assert not gsp_function.triton_selected(cpu, 49)
-    monkeypatch.setenv("GSP_KERNEL", "fast")
-    with pytest.raises(ValueError, match="GSP_KERNEL must be one of compiled, triton, got 'fast'"):
-        gsp_function.triton_selected(cpu, 49)
+    assert RuntimeOptions().kernel == "compiled"  # the compiled parts by default
+    with using_runtime_options(kernel="compiled"):
+        assert not gsp_function.triton_selected(cuda, 49)
+    with using_runtime_options(kernel="triton"):
+        assert gsp_function.triton_selected(cuda, 49)
+        assert gsp_function.triton_selected(cuda, MAX_LOCATIONS)
+        assert not gsp_function.triton_selected(cuda, MAX_LOCATIONS + 1)
+        assert not gsp_function.triton_selected(cpu, 49)
 
 
 # Pointer arguments that are float64 whatever the input precision (model/gsp_triton.py).

@@ -32,7 +32,7 @@ def test_build_info_search_add_remove(
                 "build",
                 "--images",
                 str(images),
-                "--out",
+                "--gallery",
                 str(gallery),
                 "--labels-from-subfolders",
                 "--batch-size",
@@ -44,7 +44,7 @@ def test_build_info_search_add_remove(
     )
     assert "7 indexed" in capsys.readouterr().out
 
-    assert main(["index", "info", str(gallery), "--json"]) == 0
+    assert main(["index", "info", "--gallery", str(gallery), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["items"] == 7 and info["labels"] == {"a": 4, "b": 3}
     assert info["index_type"] == "flat" and info["embedding_dim"] == 32
@@ -61,6 +61,7 @@ def test_build_info_search_add_remove(
             [
                 "index",
                 "search",
+                "--gallery",
                 str(gallery),
                 str(query),
                 "--checkpoint",
@@ -90,6 +91,7 @@ def test_build_info_search_add_remove(
             [
                 "index",
                 "add",
+                "--gallery",
                 str(gallery),
                 *map(str, extra),
                 str(images / "a" / "0000.jpg"),
@@ -101,7 +103,7 @@ def test_build_info_search_add_remove(
         == 0
     )
     assert "2 indexed, 1 already in the gallery" in capsys.readouterr().out
-    assert main(["index", "remove", str(gallery), "1", "2", "999"]) == 0
+    assert main(["index", "remove", "--gallery", str(gallery), "1", "2", "999"]) == 0
     assert "removed 2 of 3 ids; gallery holds 7 items" in capsys.readouterr().out
     with Gallery.open(gallery, read_only=True) as reopened:
         assert reopened.get(1) is None and reopened.labels()["new"] == 2
@@ -110,7 +112,7 @@ def test_build_info_search_add_remove(
 def test_errors_are_reported_not_raised(
     tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["index", "info", str(tmp_path / "nowhere")]) == 1
+    assert main(["index", "info", "--gallery", str(tmp_path / "nowhere")]) == 1
     assert "no gallery" in capsys.readouterr().err
     Gallery.create(
         tmp_path / "g",
@@ -124,6 +126,7 @@ def test_errors_are_reported_not_raised(
             [
                 "index",
                 "search",
+                "--gallery",
                 str(tmp_path / "g"),
                 str(tmp_path / "q" / "0000.jpg"),
                 "--checkpoint",
@@ -139,6 +142,7 @@ def test_errors_are_reported_not_raised(
             [
                 "index",
                 "search",
+                "--gallery",
                 str(tmp_path / "g"),
                 str(tmp_path / "bad.jpg"),
                 "--checkpoint",

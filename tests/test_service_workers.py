@@ -9,7 +9,8 @@ import time
 import pytest
 
 from app.service.settings import Settings
-from app.service.workers import CpuWorkers, usable_cpus
+from app.service.workers import CpuWorkers
+from model.hardware import usable_cpus
 
 
 class Overlap:

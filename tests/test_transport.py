@@ -12,6 +12,7 @@ import model.compiling as compiling
 import model.solver as solver
 import model.transport as transport
 from model.checks import DeferredChecks
+from model.runtime import Kernel, using_runtime_options
 from model.transport import partial_transport
 from tests.reference_transport import converged_fixed_point, fixed_point_transport
 
@@ -195,20 +196,20 @@ def test_compiled_solver_equals_the_eager_one(monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["compiled", "triton"])
-def test_a_gsp_forward_synchronises_with_the_host_once(kernel: str, monkeypatch) -> None:
+def test_a_gsp_forward_synchronises_with_the_host_once(kernel: Kernel) -> None:
     from model.gsp import GeneralizedSumPooling
 
-    monkeypatch.setenv("GSP_KERNEL", kernel)  # model/gsp_function.py
-    layer = GeneralizedSumPooling(64, 32).cuda()
-    features = torch.randn(8, 64, 7, 7, device="cuda")
-    layer(features)  # compile and warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            layer(features)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    with using_runtime_options(kernel=kernel):
+        layer = GeneralizedSumPooling(64, 32).cuda()
+        features = torch.randn(8, 64, 7, 7, device="cuda")
+        layer(features)  # compile and warm up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                layer(features)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]

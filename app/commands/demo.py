@@ -71,25 +71,16 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from app.cli import main
+    from app.commands.serve import serve
 
     try:
         assets = _prepare(args)
     except FileNotFoundError as error:
         print(f"gsp demo: {error}", file=sys.stderr)
         return 2
-    return main(
-        [
-            "serve",
-            "--checkpoint",
-            str(assets.checkpoint),
-            "--gallery",
-            str(assets.gallery),
-            "--image-root",
-            str(assets.image_root),
-            "--host",
-            args.host,
-            "--port",
-            str(args.port),
-        ]
-    )
+    demo = {
+        "checkpoint": assets.checkpoint,
+        "gallery": assets.gallery,
+        "image_roots": [assets.image_root],
+    }
+    return serve(demo, host=args.host, port=args.port)

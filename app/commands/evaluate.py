@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from app.commands.options import add_device_option, add_workers_option
 
 
 def parse_data_spec(text: str) -> dict[str, Any]:
@@ -44,16 +47,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=0)
+    add_device_option(parser)
+    add_workers_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_checkpoint, format_table
+    from model.hardware import DeviceError, resolve_device
 
     spec = parse_data_spec(args.data)
-    metrics = evaluate_checkpoint(args.checkpoint, spec, args.batch_size, args.device, args.workers)
+    try:
+        device = str(resolve_device(args.device))
+    except DeviceError as error:
+        print(f"gsp eval: {error}", file=sys.stderr)
+        return 2
+    metrics = evaluate_checkpoint(args.checkpoint, spec, args.batch_size, device, args.workers)
     print(format_table(metrics))
     if args.out:
         out = Path(args.out)

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.commands.options import add_gallery_option
+
 TILE = 224
 CAPTION = 26
 PALETTE = (
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("query", help="query image file, or the id of a gallery item")
     parser.add_argument("gallery_id", type=int, help="id of the gallery item to explain")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    parser.add_argument("--gallery", required=True, type=Path, help="gallery directory")
+    add_gallery_option(parser)
     parser.add_argument("--out", required=True, type=Path, help="PNG panel to write")
     parser.add_argument("--top", type=int, default=3, help="prototypes to show (default 3)")
     parser.set_defaults(handler=run)

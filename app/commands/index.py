@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.commands.options import add_device_option, add_gallery_option, add_workers_option
+
 TILE = 160
 CAPTION = 28
 # index.vectors.INDEX_TYPES, spelt out so that ``gsp --help`` does not import faiss
@@ -15,13 +17,18 @@ INDEX_TYPES = ("auto", "flat", "ivf_fastscan", "ivf_sq8", "ivf", "ivf_flat")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("index", help="build, inspect and search galleries")
+    parser = subparsers.add_parser(
+        "index",
+        help="build, inspect and search galleries",
+        description="Every action names its gallery with --gallery DIR (formerly --out for "
+        "build and a first argument for the others, still accepted until the next release).",
+    )
     commands = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     build = commands.add_parser("build", help="index every image under a folder (resumable)")
     build.add_argument("--images", required=True, type=Path, help="folder walked recursively")
     build.add_argument("--checkpoint", required=True, type=Path)
-    build.add_argument("--out", required=True, type=Path, help="gallery directory")
+    add_gallery_option(build, help_text="gallery directory, created if absent", old_option="--out")
     _add_job_options(build)
     build.add_argument(
         "--index-type",
@@ -37,42 +44,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="label each image with its first-level subfolder's name",
     )
-    build.add_argument("--report", type=Path, help="failures as JSON lines (default in --out)")
+    build.add_argument(
+        "--report", type=Path, help="failures as JSON lines (default: in the gallery directory)"
+    )
     build.set_defaults(handler=_build)
 
     add = commands.add_parser("add", help="add image files or folders to an existing gallery")
-    add.add_argument("gallery", type=Path)
-    add.add_argument("images", nargs="+", type=Path)
+    add_gallery_option(add, old_positional=True, positional_list=("images", Path))
+    add.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="files or folders")
     add.add_argument("--checkpoint", required=True, type=Path)
     add.add_argument("--label", help="label for every added image")
     _add_job_options(add)
     add.set_defaults(handler=_add)
 
     remove = commands.add_parser("remove", help="remove items by id")
-    remove.add_argument("gallery", type=Path)
-    remove.add_argument("ids", nargs="+", type=int)
+    add_gallery_option(remove, old_positional=True, positional_list=("ids", int))
+    remove.add_argument("ids", nargs="+", type=int, metavar="ID")
     remove.set_defaults(handler=_remove)
 
     info = commands.add_parser("info", help="counts, sizes on disk, model fingerprint, index")
-    info.add_argument("gallery", type=Path)
+    add_gallery_option(info, old_positional=True)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=_info)
 
     search = commands.add_parser("search", help="the gallery's nearest images to a query image")
-    search.add_argument("gallery", type=Path)
-    search.add_argument("image", type=Path)
+    add_gallery_option(search, old_positional=True)
+    search.add_argument("image", type=Path, help="query image file")
     search.add_argument("--checkpoint", required=True, type=Path)
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--label", help="only match items with this label")
     search.add_argument("--contact-sheet", type=Path, help="PNG of query and matches, heatmaps")
-    search.add_argument("--device", default="auto")
+    add_device_option(search)
     search.set_defaults(handler=_search)
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", default="auto", help="DataLoader workers or 'auto'")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    add_workers_option(parser)
+    add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -89,7 +98,7 @@ def _build(args: argparse.Namespace) -> int:
         report = build_gallery(
             args.images,
             args.checkpoint,
-            args.out,
+            args.gallery,
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
@@ -200,10 +209,11 @@ def _info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import torch
 
-    from index.build import open_for_model, resolve_device
+    from index.build import open_for_model
     from index.errors import GalleryError
     from index.images import decode_image
     from model.checkpoint import load_checkpoint
+    from model.hardware import resolve_device
     from model.transforms import eval_transform
 
     if args.k <= 0:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+from app.commands.options import add_device_option, add_gallery_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "environment variable (or in .env); options given here win.",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (GSP_CHECKPOINT)")
-    parser.add_argument("--gallery", type=Path, help="gallery directory (GSP_GALLERY)")
+    add_gallery_option(parser, required=False, help_text="gallery directory (GSP_GALLERY)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="GSP_DEVICE")
+    add_device_option(parser, default=None, default_text="GSP_DEVICE, else auto")
     parser.add_argument(
         "--image-root",
         type=Path,
@@ -34,13 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from app.service.inference import StartupError
-    from app.service.main import create_app
-    from app.service.settings import Settings
-
     overrides = {
         "checkpoint": args.checkpoint,
         "gallery": args.gallery,
@@ -50,6 +46,20 @@ def run(args: argparse.Namespace) -> int:
         "batch_max_wait_ms": args.batch_max_wait_ms,
         "batching": False if args.no_batching else None,
     }
+    return serve(overrides, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def serve(overrides: Mapping[str, object], *, host: str, port: int, log_level: str = "info") -> int:
+    """Serve until stopped, with the ``GSP_*`` settings (environment, ``.env``) and the given
+    ``overrides`` of them (None values left out); 2 for invalid settings, 1 when the service
+    cannot start (say a checkpoint that is not there)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.service.inference import StartupError
+    from app.service.main import create_app
+    from app.service.settings import Settings
+
     try:
         settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
         app = create_app(settings)
@@ -59,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as error:
         print(f"gsp serve: cannot start: {error}", file=sys.stderr)
         return 1
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    shown = f"[{host}]" if ":" in host else host
     print(
-        f"Serving on http://{host}:{args.port}/ (API docs: http://{host}:{args.port}/docs)",
+        f"Serving on http://{shown}:{port}/ (API docs: http://{shown}:{port}/docs)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     return 0

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from app.demo.scenes import CLASSES, Scene, SceneConfig, generate_scenes
 from model.config import ModelConfig
+from model.version import package_version
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -123,8 +124,6 @@ class DemoAssets:
 
 def code_version() -> str:
     """The package version plus a hash of this package's sources: code changes rebuild."""
-    from app.cli import package_version
-
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -24,7 +24,7 @@ from model.checkpoint import load_checkpoint
 from model.explain import PairExplanation, PooledParts, explain_pair, repool_with_regions
 from model.transforms import Normalise, eval_crop, to_uint8_tensor
 
-__all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError", "resolve_device"]
+__all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError"]
 
 # Given the feature map's (h, w): the (favour, ignore) coverages in [0, 1] of its locations.
 RegionMarks = Callable[[tuple[int, int]], tuple[torch.Tensor, torch.Tensor]]
@@ -38,15 +38,6 @@ class StartupError(RuntimeError):
 class Embedded:
     embedding: np.ndarray  # (d,) float32, L2-normalised
     weights: np.ndarray  # (h, w) float32 pooling weights: the heatmap
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a startup error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StartupError("device 'cuda' was requested but CUDA is not available")
-    return torch.device(name)
 
 
 class InferenceEngine:

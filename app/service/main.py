@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.service.dependencies import add_error_handlers, document_match_count
 from app.service.images import treat_decompression_bombs_as_errors
-from app.service.inference import InferenceEngine, resolve_device
+from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
 from app.service.metrics import ServiceMetrics
 from app.service.middleware import AccessMiddleware, InFlightLimit
@@ -27,6 +27,8 @@ from app.service.settings import Settings
 from app.service.state import ServiceState
 from app.service.store import GalleryStore
 from app.service.workers import CpuWorkers
+from model.hardware import DeviceError, resolve_device
+from model.runtime import RuntimeOptions, set_runtime_options
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -48,9 +50,13 @@ def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
 
 
 def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
+    try:
+        device = resolve_device(settings.device)
+    except DeviceError as error:
+        raise StartupError(str(error)) from error
     engine = InferenceEngine(
         settings.checkpoint,
-        resolve_device(settings.device),
+        device,
         max_batch_size=settings.effective_batch_size,
         max_wait_ms=settings.batch_max_wait_ms,
         on_batch=metrics.observe_batch,
@@ -93,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
     checkpoint or gallery is missing, unreadable or made by a different model."""
     configure_logging()
     treat_decompression_bombs_as_errors()
+    # Process-wide, and before the model's warm-up compiles anything.
+    set_runtime_options(RuntimeOptions(kernel=settings.kernel, compile=settings.compile))
     metrics = ServiceMetrics()
     state = _load(settings, metrics)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.service.workers import usable_cpus
+from model.hardware import DEVICE_NAMES, check_device_name, usable_cpus
+from model.runtime import Kernel, RuntimeOptions
 
 __all__ = ["Settings"]
+
+_RUNTIME_DEFAULTS = RuntimeOptions()
 
 
 def _split_list(value: object) -> object:
@@ -36,7 +39,16 @@ class Settings(BaseSettings):
         description="open the gallery read-only: no API writes, and an indexer may update the "
         "same directory in place (then SIGHUP or reload-gallery to pick it up)",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
+    kernel: Kernel = Field(
+        default=_RUNTIME_DEFAULTS.kernel,
+        description="how the GSP layer runs on CUDA: 'compiled' (torch.compile'd parts) or "
+        "'triton' (hand-written kernels)",
+    )
+    compile: bool = Field(
+        default=_RUNTIME_DEFAULTS.compile,
+        description="torch.compile the GSP layer's parts on CUDA (false: run them eagerly)",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0, description="decoded width x height limit")
     max_k: int = Field(default=100, ge=1, le=10_000)
@@ -80,6 +92,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lists_from_text(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _check_k(self) -> Settings:

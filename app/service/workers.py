@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["CpuWorkers", "usable_cpus"]
+__all__ = ["CpuWorkers"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class CpuWorkers:

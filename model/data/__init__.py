@@ -3,7 +3,7 @@ benchmark, the data specs that name them in configs, and m-per-class batch sampl
 set yields ``(image, label)`` and exposes ``.samples`` (path, label), ``.classes`` and
 ``.targets``."""
 
-from model.data.base import IMAGE_EXTENSIONS, LabeledImageDataset, load_image
+from model.data.base import LabeledImageDataset, load_image
 from model.data.benchmarks import BENCHMARK_SPLITS, BenchmarkDataset, load_benchmark
 from model.data.cifar import CIFAR10_CLASSES, ensure_cifar10
 from model.data.collage import (
@@ -29,7 +29,6 @@ __all__ = [
     "DATA_KINDS",
     "DEFAULT_NUISANCE_CLASSES",
     "DEFAULT_TARGET_CLASSES",
-    "IMAGE_EXTENSIONS",
     "BenchmarkDataset",
     "CollageDataset",
     "CsvListDataset",

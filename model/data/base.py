@@ -12,15 +12,12 @@ from torch.utils.data import Dataset
 from model.transforms import to_rgb
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "IndexedClasses",
     "LabeledImageDataset",
     "index_classes",
     "load_image",
     "require_files",
 ]
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -10,7 +10,8 @@ from typing import Any
 
 from PIL import Image
 
-from model.data.base import IMAGE_EXTENSIONS, LabeledImageDataset, index_classes
+from model.data.base import LabeledImageDataset, index_classes
+from model.image_files import IMAGE_EXTENSIONS, is_image_name
 
 __all__ = ["CsvListDataset", "ImageFolderDataset", "list_images"]
 
@@ -27,9 +28,7 @@ def list_images(folder: Path) -> list[Path]:
     found: list[Path] = []
     for directory, _, files in os.walk(folder):
         base = Path(directory)
-        found.extend(
-            base / name for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        )
+        found.extend(base / name for name in files if is_image_name(name))
     return sorted(found)
 
 
@@ -75,7 +74,7 @@ class ImageFolderDataset(LabeledImageDataset):
                 empty.append(name)
             samples.extend((path, label) for path in images)
         if empty:
-            extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+            extensions = " ".join(IMAGE_EXTENSIONS)
             raise ValueError(f"class folder(s) {empty} under {root} hold no images ({extensions})")
         super().__init__(samples, classes, transform)
         self.root = root

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.hardware import resolve_device
+
 __all__ = ["DistributedContext", "init_distributed", "seed_everything"]
 
 
@@ -29,7 +31,7 @@ class DistributedContext:
     @classmethod
     def single(cls, device: torch.device | None = None) -> DistributedContext:
         """A run of one process on ``device`` (default: the first GPU, else the CPU)."""
-        return cls(0, 1, _auto_device() if device is None else device)
+        return cls(0, 1, resolve_device("auto") if device is None else device)
 
     @property
     def main(self) -> bool:
@@ -40,10 +42,6 @@ class DistributedContext:
         """Wait for every rank (nothing to wait for in a single process)."""
         if self.world_size > 1:
             dist.barrier()
-
-
-def _auto_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def init_distributed() -> DistributedContext:
