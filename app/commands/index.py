@@ -1,4 +1,5 @@
-"""``gsp index``: build, add to, remove from, inspect and search galleries."""
+"""``gsp index``: build, add to, remove from, inspect, search, upgrade, back up and restore
+galleries."""
 
 from __future__ import annotations
 
@@ -67,6 +68,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--contact-sheet", type=Path, help="PNG of query and matches, heatmaps")
     search.add_argument("--device", default="auto")
     search.set_defaults(handler=_search)
+
+    upgrade = commands.add_parser(
+        "upgrade", help="bring a gallery in an older on-disk format to this version's (resumable)"
+    )
+    upgrade.add_argument("gallery", type=Path)
+    upgrade.set_defaults(handler=_upgrade)
+
+    backup = commands.add_parser(
+        "backup", help="copy a gallery consistently, even while it is served and written"
+    )
+    backup.add_argument("source", metavar="GALLERY", type=Path)
+    backup.add_argument(
+        "target", metavar="DEST", type=Path, help="new or empty directory; the copy is a gallery"
+    )
+    backup.set_defaults(handler=_copy, replace=False)
+
+    restore = commands.add_parser("restore", help="copy a backup back into a gallery directory")
+    restore.add_argument("source", metavar="BACKUP", type=Path)
+    restore.add_argument(
+        "target", metavar="GALLERY", type=Path, help="new or empty directory (see --replace)"
+    )
+    restore.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the gallery the directory holds (no process may be writing it)",
+    )
+    restore.set_defaults(handler=_copy)
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +191,7 @@ def _disk_usage(directory: Path) -> dict[str, int]:
 
 def _info(args: argparse.Namespace) -> int:
     from index.errors import GalleryError
+    from index.format import FORMAT_VERSION, upgrade_command
     from index.gallery import Gallery
 
     try:
@@ -189,11 +218,38 @@ def _info(args: argparse.Namespace) -> int:
         "updated_at": manifest.updated_at,
         "format_version": manifest.format_version,
     }
+    if manifest.format_version < FORMAT_VERSION:
+        info["upgrade_command"] = upgrade_command(args.gallery)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             print(f"{key:22} {value}")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from index.errors import GalleryError
+    from index.upgrade import upgrade_gallery
+
+    try:
+        report = upgrade_gallery(args.gallery)
+    except (GalleryError, OSError) as error:
+        return _fail(str(error))
+    print(report.summary())
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    """``backup`` and ``restore``: the same consistent copy, in opposite directions."""
+    from index.backup import copy_gallery
+    from index.errors import GalleryError
+
+    try:
+        report = copy_gallery(args.source, args.target, replace=args.replace)
+    except (GalleryError, OSError) as error:
+        return _fail(str(error))
+    print(report.summary())
     return 0
 
 
