@@ -33,9 +33,11 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
 UNREADABLE_METADATA = "unreadable_metadata"
 _TRUNCATED = "…"
-# A JSON string literal, escapes included: removed before brackets are counted.
-_STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKET = re.compile(r"[][{}]")
+# JSON string literals (escapes included), removed before brackets are counted; then anything
+# but brackets; then innermost empty pairs, one nesting level per pass.
+_STRING_LITERAL = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^][{}]+")
+_EMPTY_PAIR = re.compile(r"\[\]|\{\}")
 
 
 def check_label(position: int, label: str | None) -> None:
@@ -59,8 +61,8 @@ def check_metadata(position: int, metadata: Any) -> None:
     """Raise :class:`InvalidItemError` unless ``metadata`` is None or a JSON object of at most
     ``MAX_METADATA_DEPTH`` levels and ``MAX_METADATA_BYTES`` bytes, without NaN or infinity.
 
-    The depth is measured without recursion, so a hostile object nested 100,000 deep is refused
-    instead of exhausting the stack.
+    An object nested past the interpreter's recursion limit (100,000 deep, say) is refused as
+    too deep, not allowed to exhaust the stack.
     """
     if metadata is None:
         return
@@ -68,12 +70,11 @@ def check_metadata(position: int, metadata: Any) -> None:
         raise InvalidItemError(
             position, "metadata", f"must be a JSON object, got {type(metadata).__name__}"
         )
-    if _object_depth(metadata) > MAX_METADATA_DEPTH:
-        raise InvalidItemError(
-            position, "metadata", f"is nested deeper than {MAX_METADATA_DEPTH} levels"
-        )
+    too_deep = f"is nested deeper than {MAX_METADATA_DEPTH} levels"
     try:
         text = json.dumps(metadata, allow_nan=False)
+    except RecursionError:
+        raise InvalidItemError(position, "metadata", too_deep) from None
     except (TypeError, ValueError) as error:
         raise InvalidItemError(position, "metadata", f"is not plain JSON: {error}") from None
     if len(text) > MAX_METADATA_BYTES:
@@ -82,15 +83,15 @@ def check_metadata(position: int, metadata: Any) -> None:
             "metadata",
             f"is {len(text)} bytes as JSON; the limit is {MAX_METADATA_BYTES} bytes",
         )
+    if _nests_deeper(text):
+        raise InvalidItemError(position, "metadata", too_deep)
 
 
 def stored_metadata(text: str) -> dict[str, Any]:
     """Stored metadata JSON as a dict, or the marker saying why it cannot be returned."""
     if len(text) > MAX_METADATA_BYTES:
         return _unreadable(f"is {len(text)} bytes, over the {MAX_METADATA_BYTES}-byte limit")
-    # Counting brackets is cheap, and fewer than the limit cannot nest deeper than it.
-    brackets = text.count("{") + text.count("[")
-    if brackets > MAX_METADATA_DEPTH and _text_depth(text) > MAX_METADATA_DEPTH:
+    if _nests_deeper(text):
         return _unreadable(f"is nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
@@ -120,32 +121,14 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def _object_depth(value: Any) -> int:
-    """Nesting depth of dicts and lists, counted up to one past the limit (cycles included)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, (list, tuple)):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if depth > MAX_METADATA_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _text_depth(text: str) -> int:
-    """Bracket nesting depth of JSON text, outside string literals, without parsing it."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_STRING_LITERAL.sub("", text)):
-        if match.group() in "{[":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def _nests_deeper(text: str) -> bool:
+    """Whether JSON text nests objects and arrays deeper than ``MAX_METADATA_DEPTH``, found
+    without parsing it (a parse of hostile text could exhaust the stack)."""
+    if text.count("{") + text.count("[") <= MAX_METADATA_DEPTH:  # the common case, cheaply
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING_LITERAL.sub("", text))
+    for _ in range(MAX_METADATA_DEPTH):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIR.sub("", brackets)  # one level: the pairs that hold nothing
+    return bool(brackets)

@@ -39,6 +39,14 @@ def nested_list(depth: int) -> list[Any]:
     return value
 
 
+def alternating(depth: int) -> dict[str, Any]:
+    """Objects and arrays in turn, ``depth`` levels in all."""
+    value: Any = "leaf"
+    for level in range(depth - 1):
+        value = [value] if level % 2 == 0 else {"a": value}
+    return {"top": value}
+
+
 def nested_text(depth: int) -> str:
     return '{"a": ' * (depth - 1) + '{"leaf": 1}' + "}" * (depth - 1)
 
@@ -59,23 +67,27 @@ def with_item(position: int, label: Any = None, extra: Any = None) -> list[ItemI
 def test_labels_and_metadata_at_the_limits_are_stored_whole(tmp_path: Path) -> None:
     label = "é" * (MAX_LABEL_BYTES // 2)  # two bytes each: exactly the limit
     deep = nested(MAX_METADATA_DEPTH)
+    mixed = alternating(MAX_METADATA_DEPTH)
     large = metadata_of_size(MAX_METADATA_BYTES)
+    brackets = {"list": [[[1]]], "s": '{[{["\\' + "[" * 40}  # brackets in strings do not count
     with create(tmp_path / "g") as gallery:
         ids = gallery.add(
-            unit_vectors(3),
-            grids(3),
+            unit_vectors(4),
+            grids(4),
             [
                 ItemInput("a", items(0, 1)[0].sha256, label, deep),
                 ItemInput("b", items(1, 2)[0].sha256, None, large),
-                ItemInput("c", items(2, 3)[0].sha256, "plain", {"list": [[[1]]], "s": "{[{["}),
+                ItemInput("c", items(2, 3)[0].sha256, "plain", brackets),
+                ItemInput("d", items(3, 4)[0].sha256, None, mixed),
             ],
         ).ids
         gallery.save()
     with Gallery.open(tmp_path / "g", read_only=True) as gallery:
-        first, second, third = gallery.get_many(ids)
+        first, second, third, fourth = gallery.get_many(ids)
         assert first.label == label and first.extra == deep
         assert second.extra == large
-        assert third.extra == {"list": [[[1]]], "s": "{[{["}  # brackets in strings do not count
+        assert third.extra == brackets
+        assert fourth.extra == mixed
 
 
 @pytest.mark.parametrize(
@@ -88,6 +100,7 @@ def test_labels_and_metadata_at_the_limits_are_stored_whole(tmp_path: Path) -> N
         (None, nested(MAX_METADATA_DEPTH + 1), "metadata", "deeper than 32"),
         (None, nested(100_000), "metadata", "deeper than 32"),
         (None, {"a": nested_list(MAX_METADATA_DEPTH)}, "metadata", "deeper than 32"),
+        (None, alternating(MAX_METADATA_DEPTH + 1), "metadata", "deeper than 32"),
         (None, metadata_of_size(MAX_METADATA_BYTES + 1), "metadata", "limit is 65536 bytes"),
         (None, {"x": float("nan")}, "metadata", "not plain JSON"),
         (None, {"x": float("inf")}, "metadata", "not plain JSON"),
@@ -111,7 +124,7 @@ def test_over_the_limits_is_refused_and_nothing_of_the_call_is_written(
 def test_a_cycle_in_metadata_is_refused_not_recursed(tmp_path: Path) -> None:
     loop: dict[str, Any] = {}
     loop["self"] = loop
-    with create(tmp_path / "g") as gallery, pytest.raises(InvalidItemError, match="deeper"):
+    with create(tmp_path / "g") as gallery, pytest.raises(InvalidItemError, match="Circular"):
         gallery.add(unit_vectors(3), grids(3), with_item(2, "x", loop))
 
 
