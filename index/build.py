@@ -22,18 +22,17 @@ from tqdm import tqdm
 
 from index.gallery import Gallery, ItemInput
 from index.images import decode_image, find_images
-from index.snapshot import CURRENT
+from index.layout import CURRENT, FAILURES_FILE
 from model.hardware import resolve_device, resolve_workers
 
 __all__ = [
+    "FAILURES_FILE",
     "BuildReport",
     "build_gallery",
     "index_files",
     "open_for_model",
     "open_or_create",
 ]
-
-FAILURES_FILE = "build-failures.jsonl"
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,8 @@ def open_for_model(directory: Path, loaded: Any, *, read_only: bool = False) -> 
 
 
 def open_or_create(out_dir: Path, loaded: Any, index_type: str = "auto") -> Gallery:
-    """Open the gallery built by this checkpoint's model, or create it when absent."""
+    """Open the gallery built by this checkpoint's model, or create it when absent (or when
+    its creation was interrupted)."""
     if (out_dir / CURRENT).is_symlink():
         return open_for_model(out_dir, loaded)
     return Gallery.create(

@@ -1,12 +1,7 @@
 """A gallery: a directory of image embeddings that survives crashes and refuses foreign models.
 
-Layout::
-
-    GALLERY/
-      items.sqlite        metadata, exact embedding and GSP weights grid per item (WAL)
-      current -> snapshots/<name>
-      snapshots/<name>/   manifest.json, index.faiss, ids.npy (ids the index holds)
-      writer.lock         flock held by the one process that has the gallery open for writing
+The directory's layout and the protocol that creates it atomically are in :mod:`index.layout`,
+its format version and upgrades in :mod:`index.format`.
 
 The SQLite database is the system of record (each add/remove is a transaction); the faiss index
 is derived from it and saved as an atomic snapshot. On open the index is reconciled with the
@@ -17,7 +12,6 @@ consistent gallery that has lost at most the call in flight.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import threading
@@ -28,15 +22,29 @@ from typing import Any, Literal
 
 import numpy as np
 
-from index.errors import (
-    GalleryCorruptError,
-    GalleryError,
-    GalleryLockedError,
-    GalleryReadOnlyError,
+from index.errors import GalleryCorruptError, GalleryReadOnlyError
+from index.format import check_openable
+from index.layout import (
+    DATABASE,
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST,
+    acquire_writer_lock,
+    clean_stale,
+    finish_creation,
+    lock_for_creation,
+    release_writer_lock,
 )
-from index.manifest import Manifest, canonical_preprocessing, check_compatible, utc_now
+from index.limits import check_label, check_metadata
+from index.manifest import (
+    Manifest,
+    canonical_preprocessing,
+    check_compatible,
+    load_manifest,
+    utc_now,
+)
 from index.metadata import ItemRecord, ItemRow, MetadataStore
-from index.snapshot import clean_stale, current_snapshot, write_snapshot
+from index.snapshot import write_snapshot
 from index.vectors import (
     COMPACT_THRESHOLD,
     DEAD_ROWS_REBUILD,
@@ -50,13 +58,8 @@ from index.vectors import (
     resolve_index_type,
 )
 
-__all__ = ["AddResult", "Gallery", "ItemInput", "ItemRecord", "Manifest", "Match"]
+__all__ = ["IDS_FILE", "AddResult", "Gallery", "ItemInput", "ItemRecord", "Manifest", "Match"]
 
-DATABASE = "items.sqlite"
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.npy"
-LOCK_FILE = "writer.lock"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NORM_TOLERANCE = 1e-3
 # Index parameters chosen by the user, kept when the index is rebuilt or retrained.
@@ -67,7 +70,8 @@ _RERANK_CHUNK = 128
 
 @dataclass(frozen=True)
 class ItemInput:
-    """What the caller knows about an image being added."""
+    """What the caller knows about an image being added; ``label`` and ``extra`` (metadata)
+    are bounded by :mod:`index.limits`."""
 
     source: str
     sha256: str
@@ -133,7 +137,8 @@ class Gallery:
         compact_threshold: int = COMPACT_THRESHOLD,
         rerank: int = RERANK,
     ) -> Gallery:
-        """A new, empty gallery in ``directory`` (which must not exist or be empty).
+        """A new, empty gallery in ``directory``, which must not exist, be empty or hold an
+        interrupted creation (cleared first; see :mod:`index.layout`).
 
         ``index_type``: ``auto`` (exact until ``large_threshold`` items, then ``ivf_fastscan``
         (``ivf_sq8`` where faiss searches on a GPU), and ``ivf`` from ``compact_threshold`` items
@@ -155,11 +160,6 @@ class Gallery:
             raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be a non-empty string")
-        path = Path(directory)
-        if path.exists() and any(path.iterdir()):
-            raise GalleryError(f"cannot create a gallery in {path}: the directory is not empty")
-        path.mkdir(parents=True, exist_ok=True)
-        lock_fd = _acquire_writer_lock(path)
         vectors = VectorIndex.flat(embedding_dim)
         manifest = Manifest(
             model_fingerprint=model_fingerprint,
@@ -174,9 +174,19 @@ class Gallery:
             },
             requested_index_type=index_type,
         )
-        store = MetadataStore(path / DATABASE, create=True)
-        gallery = cls(path, manifest, store, vectors, read_only=False, lock_fd=lock_fd)
-        gallery.save()
+        path = Path(directory)
+        lock_fd = lock_for_creation(path)
+        store = None
+        try:
+            store = MetadataStore(path / DATABASE, create=True)
+            gallery = cls(path, manifest, store, vectors, read_only=False, lock_fd=lock_fd)
+            gallery.save()  # points ``current`` at the first snapshot: the commit point
+        except BaseException:
+            if store is not None:
+                store.close()
+            release_writer_lock(lock_fd)
+            raise
+        finish_creation(path)
         return gallery
 
     @classmethod
@@ -190,41 +200,50 @@ class Gallery:
     ) -> Gallery:
         """Load a gallery, refusing one built by another model or preprocessing.
 
+        A gallery in an older format opens read-only when this code still reads it
+        (``index.format.READ_COMPATIBLE``); otherwise, and for writing, it is refused with the
+        command that upgrades it.
+
         Raises :class:`GalleryNotFoundError`, :class:`GalleryCorruptError`,
-        :class:`GalleryMismatchError` (naming both fingerprints) or :class:`GalleryLockedError`.
+        :class:`GalleryFormatError`, :class:`GalleryMismatchError` (naming both fingerprints)
+        or :class:`GalleryLockedError`.
         """
         path = Path(directory)
-        snapshot = current_snapshot(path)
-        manifest = Manifest.from_json(_read_text(snapshot / MANIFEST))
+        snapshot, manifest = load_manifest(path)
         check_compatible(manifest, expected_fingerprint, expected_preprocessing)
-        lock_fd = None if read_only else _acquire_writer_lock(path)
+        lock_fd = None if read_only else acquire_writer_lock(path)
+        store = None
         try:
-            if not read_only:
-                clean_stale(path)
             if not (path / DATABASE).is_file():
                 raise GalleryCorruptError(f"gallery {path}: {DATABASE} is missing")
             store = MetadataStore(path / DATABASE, read_only=read_only)
+            check_openable(
+                path, manifest.format_version, store.format_version(), writable=not read_only
+            )
+            if not read_only:
+                clean_stale(path)
             try:
                 vectors = VectorIndex.read(snapshot / INDEX_FILE, manifest.index_params)
                 indexed = np.load(snapshot / IDS_FILE)
             except (RuntimeError, OSError, ValueError) as error:
-                store.close()
                 raise GalleryCorruptError(
                     f"gallery {path}: cannot read the index: {error}"
                 ) from error
+            manifest.index_type = vectors.index_type
+            gallery = cls(path, manifest, store, vectors, read_only=read_only, lock_fd=lock_fd)
+            gallery._reconcile(indexed)
         except BaseException:
-            _release_writer_lock(lock_fd)
+            if store is not None:
+                store.close()
+            release_writer_lock(lock_fd)
             raise
-        manifest.index_type = vectors.index_type
-        gallery = cls(path, manifest, store, vectors, read_only=read_only, lock_fd=lock_fd)
-        gallery._reconcile(indexed)
         return gallery
 
     def close(self) -> None:
         """Release the database and the writer lock (does not save; call :meth:`save` first)."""
         with self._lock:
             self._store.close()
-            _release_writer_lock(self._lock_fd)
+            release_writer_lock(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Gallery:
@@ -254,6 +273,8 @@ class Gallery:
 
         ``on_duplicate="skip"`` leaves the stored item untouched; ``"update"`` replaces its
         source, label and extra with the new input's (the embedding is content-derived and kept).
+        A label or metadata over the limits of :mod:`index.limits` raises
+        :class:`~index.errors.InvalidItemError` before anything is written.
         """
         self._check_writable()
         if on_duplicate not in ("skip", "update"):
@@ -266,6 +287,8 @@ class Gallery:
                 raise ValueError(f"item {position}: sha256 must be 64 lowercase hex digits")
             if np.asarray(weights[position]).ndim != 2:
                 raise ValueError(f"item {position}: weights must be a 2-D (h, w) grid")
+            check_label(position, item.label)
+            check_metadata(position, item.extra)
         with self._lock:
             existing = self._store.find_sha256([item.sha256 for item in items])
             first_seen: dict[str, int] = {}
@@ -542,28 +565,3 @@ def _matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:
     """One query's hits, dropping faiss's ``-1`` padding when fewer than ``k`` exist."""
     found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
     return [Match(id=i, score=s, rank=rank) for rank, (i, s) in enumerate(found, 1)]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise GalleryCorruptError(f"cannot read {path}: {error}") from error
-
-
-def _acquire_writer_lock(directory: Path) -> int:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as error:
-        os.close(fd)
-        raise GalleryLockedError(
-            f"gallery {directory} is open for writing by another process; open it read_only=True"
-        ) from error
-    return fd
-
-
-def _release_writer_lock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from index.errors import GalleryCorruptError, GalleryMismatchError
+from index.format import FORMAT_VERSION, check_readable
+from index.layout import MANIFEST, gallery_snapshot
 
 __all__ = [
-    "FORMAT_VERSION",
     "Manifest",
     "canonical_preprocessing",
     "check_compatible",
+    "load_manifest",
     "utc_now",
 ]
 
-FORMAT_VERSION = 1
 METRIC = "inner_product"
 
 
@@ -55,24 +57,34 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str, directory: Path) -> Manifest:
+        """Parse the manifest of the gallery at ``directory`` (named in errors); a format
+        newer than this code's is refused before its fields are read."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise GalleryCorruptError(f"manifest is not valid JSON: {error}") from error
-        if not isinstance(data, dict):
-            raise GalleryCorruptError("manifest is not a JSON object")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
             raise GalleryCorruptError(
-                f"gallery format version {version!r} is not supported (this code reads "
-                f"version {FORMAT_VERSION})"
-            )
+                f"gallery {directory}: manifest is not valid JSON: {error}"
+            ) from error
+        if not isinstance(data, dict):
+            raise GalleryCorruptError(f"gallery {directory}: manifest is not a JSON object")
+        check_readable(directory, data.get("format_version"))
         known = {f.name for f in fields(cls)}
         missing = {"model_fingerprint", "preprocessing", "embedding_dim", "index_type"} - set(data)
         if missing:
-            raise GalleryCorruptError(f"manifest lacks {sorted(missing)}")
+            raise GalleryCorruptError(f"gallery {directory}: manifest lacks {sorted(missing)}")
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def load_manifest(directory: Path) -> tuple[Path, Manifest]:
+    """The snapshot ``current`` points at in the gallery ``directory``, and its manifest."""
+    snapshot = gallery_snapshot(directory)
+    path = snapshot / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise GalleryCorruptError(f"cannot read {path}: {error}") from error
+    return snapshot, Manifest.from_json(text, directory)
 
 
 def check_compatible(

@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from index.format import APPLICATION_ID, FORMAT_VERSION, database_format
+from index.limits import stored_label, stored_metadata
+
 __all__ = ["ItemRecord", "ItemRow", "MetadataStore"]
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
@@ -32,6 +35,8 @@ CREATE TABLE IF NOT EXISTS items (
     weights_w INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS items_label ON items(label);
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {FORMAT_VERSION};
 """
 _META_COLUMNS = "id, source, sha256, label, added_at, extra, weights, weights_h, weights_w"
 # SQLite's default limit on bound parameters is 999 on old builds; stay under it.
@@ -76,9 +81,12 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
 
 
 def _record(row: tuple) -> ItemRecord:
+    """A stored row as a record; label and metadata are re-checked (see :mod:`index.limits`)."""
     item_id, source, sha256, label, added_at, extra, weights, h, w = row
     grid = np.frombuffer(weights, dtype=np.float16).reshape(h, w).astype(np.float32)
-    return ItemRecord(item_id, source, sha256, label, added_at, json.loads(extra), grid)
+    return ItemRecord(
+        item_id, source, sha256, stored_label(label), added_at, stored_metadata(extra), grid
+    )
 
 
 class MetadataStore:
@@ -102,6 +110,10 @@ class MetadataStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def format_version(self) -> int:
+        """The gallery format this database records (see :mod:`index.format`)."""
+        return database_format(self._db)
 
     def labels(self) -> dict[str | None, int]:
         rows = self._db.execute("SELECT label, COUNT(*) FROM items GROUP BY label ORDER BY label")

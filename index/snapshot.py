@@ -18,17 +18,28 @@ from pathlib import Path
 
 from index.errors import GalleryCorruptError, GalleryNotFoundError
 
-__all__ = ["CURRENT", "SNAPSHOTS", "clean_stale", "current_snapshot", "write_snapshot"]
+__all__ = [
+    "CURRENT",
+    "LINK_PREFIX",
+    "SNAPSHOTS",
+    "clean_stale",
+    "current_snapshot",
+    "fsync_path",
+    "write_snapshot",
+]
 
 CURRENT = "current"
 SNAPSHOTS = "snapshots"
+# The new ``current`` link is made under this prefix beside it, then renamed over it.
+LINK_PREFIX = f".{CURRENT}-"
 _TMP_PREFIX = ".tmp-"
 # The previous snapshot is kept so a reader that resolved ``current`` just before a swap can still
 # open its files.
 _KEEP = 2
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,18 +79,18 @@ def write_snapshot(directory: Path, write_files: Callable[[Path], None]) -> Path
     try:
         write_files(tmp)
         for child in tmp.iterdir():
-            _fsync_path(child)
-        _fsync_path(tmp)
+            fsync_path(child)
+        fsync_path(tmp)
         final = snapshots / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(snapshots)
-    link = directory / f".{CURRENT}-{os.getpid()}-{uuid.uuid4().hex}"
+    fsync_path(snapshots)
+    link = directory / f"{LINK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     link.symlink_to(Path(SNAPSHOTS) / final.name)
     os.replace(link, directory / CURRENT)
-    _fsync_path(directory)
+    fsync_path(directory)
     _prune(snapshots, keep=final)
     return final
 
@@ -98,7 +109,7 @@ def _prune(snapshots: Path, keep: Path) -> None:
 def clean_stale(directory: Path) -> None:
     """Remove temporaries left by killed saves (only those whose writing process is gone)."""
     candidates = [
-        *directory.glob(f".{CURRENT}-*"),
+        *directory.glob(f"{LINK_PREFIX}*"),
         *(directory / SNAPSHOTS).glob(f"{_TMP_PREFIX}*"),
     ]
     for path in candidates:

@@ -1,4 +1,5 @@
-"""``gsp index``: build, add to, remove from, inspect and search galleries."""
+"""``gsp index``: build, add to, remove from, inspect, search, upgrade, back up and restore
+galleries."""
 
 from __future__ import annotations
 
@@ -76,6 +77,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--contact-sheet", type=Path, help="PNG of query and matches, heatmaps")
     add_device_option(search)
     search.set_defaults(handler=_search)
+
+    upgrade = commands.add_parser(
+        "upgrade", help="bring a gallery in an older on-disk format to this version's (resumable)"
+    )
+    add_gallery_option(upgrade)
+    upgrade.set_defaults(handler=_upgrade)
+
+    backup = commands.add_parser(
+        "backup", help="copy a gallery consistently, even while it is served and written"
+    )
+    add_gallery_option(backup, help_text="the gallery to copy")
+    backup.add_argument(
+        "copy", metavar="DEST", type=Path, help="new or empty directory; the copy is a gallery"
+    )
+    backup.set_defaults(handler=_backup)
+
+    restore = commands.add_parser("restore", help="copy a backup back into a gallery directory")
+    restore.add_argument("copy", metavar="BACKUP", type=Path)
+    add_gallery_option(restore, help_text="new or empty directory (see --replace)")
+    restore.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the gallery the directory holds (no process may be writing it)",
+    )
+    restore.set_defaults(handler=_restore)
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +198,7 @@ def _disk_usage(directory: Path) -> dict[str, int]:
 
 def _info(args: argparse.Namespace) -> int:
     from index.errors import GalleryError
+    from index.format import FORMAT_VERSION, upgrade_command
     from index.gallery import Gallery
 
     try:
@@ -198,11 +225,46 @@ def _info(args: argparse.Namespace) -> int:
         "updated_at": manifest.updated_at,
         "format_version": manifest.format_version,
     }
+    if manifest.format_version < FORMAT_VERSION:
+        info["upgrade_command"] = upgrade_command(args.gallery)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             print(f"{key:22} {value}")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from index.errors import GalleryError
+    from index.upgrade import upgrade_gallery
+
+    try:
+        report = upgrade_gallery(args.gallery)
+    except (GalleryError, OSError) as error:
+        return _fail(str(error))
+    print(report.summary())
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    return _copy(args.gallery, args.copy, replace=False)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    return _copy(args.copy, args.gallery, replace=args.replace)
+
+
+def _copy(source: Path, target: Path, *, replace: bool) -> int:
+    """``backup`` and ``restore``: the same consistent copy, in opposite directions."""
+    from index.backup import copy_gallery
+    from index.errors import GalleryError
+
+    try:
+        report = copy_gallery(source, target, replace=replace)
+    except (GalleryError, OSError) as error:
+        return _fail(str(error))
+    print(report.summary())
     return 0
 
 

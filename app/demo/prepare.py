@@ -37,6 +37,7 @@ __all__ = [
     "prepare_demo",
     "prepare_model",
     "prepare_user_gallery",
+    "upgrade_cached",
 ]
 
 DEFAULT_CACHE_DIR = Path(".cache/demo")
@@ -292,6 +293,16 @@ def _index(images_dir: Path, checkpoint: Path, index_dir: Path, labelled: bool) 
         print(f"demo: {report.failed} file(s) could not be indexed, see {report.failures_path}")
 
 
+def upgrade_cached(index_dir: Path) -> None:
+    """Bring a gallery cached by an older version to this version's format (served writable,
+    it would be refused); a no-op when there is none or it is current."""
+    from index.layout import CURRENT
+    from index.upgrade import upgrade_gallery
+
+    if (index_dir / CURRENT).is_symlink():
+        upgrade_gallery(index_dir)
+
+
 def prepare_demo(spec: DemoSpec | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> DemoAssets:
     """The demo model and the built-in gallery, built now unless ready ones match ``spec``."""
     spec = spec or DemoSpec()
@@ -302,7 +313,9 @@ def prepare_demo(spec: DemoSpec | None = None, cache_dir: Path = DEFAULT_CACHE_D
     model_built = (_ready(checkpoint.parent) or {}).get("built")
     report = _ready(directory)
     reused = report is not None and report.get("model_built") == model_built
-    if not reused:
+    if reused:
+        upgrade_cached(index_dir)
+    else:
         _fresh(directory)
         total = spec.gallery_per_class * len(CLASSES)
         print(f"demo: drawing {total} gallery scenes", flush=True)
@@ -334,5 +347,6 @@ def prepare_user_gallery(
     key = _digest({"folder": str(folder), "model": spec.model_key()})
     index_dir = Path(cache_dir).resolve() / f"user-{key}" / "index"
     print(f"demo: indexing {folder}", flush=True)
+    upgrade_cached(index_dir)
     _index(folder, checkpoint, index_dir, labelled=False)
     return DemoAssets(checkpoint, index_dir, folder, {"source": str(folder)}, reused=False)
