@@ -26,8 +26,8 @@ from model.gsp import GeneralizedSumPooling
 # Triton comes with torch's Linux wheels only; elsewhere the layer has its compiled path alone.
 pytest.importorskip("triton", reason="Triton is not installed (torch ships it on Linux)")
 from model.gsp_triton import MAX_LOCATIONS
+from model.reference_transport import converged_fixed_point
 from model.transport import partial_transport
-from tests.reference_transport import converged_fixed_point
 from tests.test_transport import RATIOS, adversarial_costs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

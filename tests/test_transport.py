@@ -12,8 +12,8 @@ import model.compiling as compiling
 import model.solver as solver
 import model.transport as transport
 from model.checks import DeferredChecks
+from model.reference_transport import converged_fixed_point, fixed_point_transport
 from model.transport import partial_transport
-from tests.reference_transport import converged_fixed_point, fixed_point_transport
 
 RATIOS = torch.tensor([0.05, 0.3, 0.7, 0.9, 0.99], dtype=torch.float64)
 
