@@ -28,7 +28,7 @@ pytest.importorskip("triton", reason="Triton is not installed (torch ships it on
 from model.gsp_triton import MAX_LOCATIONS
 from model.reference_transport import converged_fixed_point
 from model.transport import partial_transport
-from tests.test_transport import RATIOS, adversarial_costs
+from tests.conftest import RATIOS, adversarial_costs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"

@@ -15,6 +15,7 @@ from PIL import Image
 from model.net import build_embedding_net
 from model.train import decode_state, encode_state, seed_everything, train, warmup_cosine
 from model.training_config import TrainingConfig, apply_overrides, load_training_config
+from tests.conftest import free_port
 
 
 def _folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
@@ -200,7 +201,6 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     """The same command under torchrun: two CPU processes (gloo), DistributedDataParallel,
     one writer."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -209,9 +209,7 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     raw = _raw_config(tmp_path)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(raw))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(port),
