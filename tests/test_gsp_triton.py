@@ -42,6 +42,7 @@ kernels = pytest.mark.skipif(
 _KERNEL_TESTS = "not under_the_interpreter and not compile_for_a_gpu"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process that test starts")
 @pytest.mark.skipif(DEVICE == "cuda", reason="the kernel tests below run natively on this GPU")
 def test_kernels_under_the_interpreter() -> None:

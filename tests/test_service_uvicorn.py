@@ -68,6 +68,7 @@ def server(service_assets: ServiceAssets) -> Iterator[tuple[str, subprocess.Pope
             process.stdout.close()
 
 
+@pytest.mark.slow
 def test_real_server_search_and_sighup_reload(
     server: tuple[str, subprocess.Popen[str]], service_assets: ServiceAssets
 ) -> None:

@@ -72,6 +72,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_checkpoints_metrics_plot_resumes_and_evaluates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,6 +198,7 @@ def test_config_overrides_are_typed_and_checked(tmp_path: Path) -> None:
         load_training_config(path, ["epochs"])
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     """The same command under torchrun: two CPU processes (gloo), DistributedDataParallel,
     one writer."""
