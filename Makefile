@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # linters) add install time that `make serve` on a fresh machine need not pay.
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: test lint serve clean
+.PHONY: test test-fast lint serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,15 @@ PORT ?= 8000
 serve: $(RUNTIME_STAMP)
 	$(BIN)/gsp demo serve --host $(HOST) --port $(PORT) $(if $(GALLERY),--gallery-source "$(GALLERY)")
 
+# `make test` is what CI runs (container tests have their own step in .ci/run); `make test-fast`
+# is the inner loop: the same minus the slow, browser and Ray tests (markers in pyproject.toml).
 test: $(STAMP)
 	$(BIN)/ruff check --no-cache .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/python -m pytest -m "not slow and not browser and not ray and not container"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

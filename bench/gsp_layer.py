@@ -22,9 +22,9 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.gsp import GeneralizedSumPooling
+from model.reference_transport import fixed_point_transport
 from model.runtime import Kernel, using_runtime_options
 from model.transport import partial_transport
-from tests.reference_transport import fixed_point_transport
 
 
 def machine(device: torch.device) -> str:

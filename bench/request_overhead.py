@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.service.dependencies import decode_upload
 from app.service.main import create_app
 from app.service.searching import search_gallery
-from bench.service import search_form
+from app.service.settings import Settings
+from bench.service import build_assets, drawn, search_form
 from bench.upload_decode import median_ms
-from tests.test_service_support import build_assets, drawn_image
 
 Message = dict[str, object]
 
@@ -90,14 +90,24 @@ def alone_ms(work, repeats: int) -> float:
 
 async def measure(requests: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="gsp-overhead-"))
-    assets = build_assets(root)
-    app = create_app(assets.settings(gallery_read_only=True))
+    # A small random-weight model: the forward pass is replaced below, only its outputs' shapes
+    # and the gallery's search count.
+    checkpoint, gallery_dir = build_assets(root, "resnet18", 96, gallery_size=16)
+    settings = Settings(
+        _env_file=None,
+        checkpoint=checkpoint,
+        gallery=gallery_dir,
+        device="cpu",
+        gallery_read_only=True,
+    )
+    app = create_app(settings)
     # The JSON access log is still formatted and written, as in production, but not shown.
     for handler in logging.getLogger("gsp").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - open for the process
+    query = drawn(0, 96)
     buffer = io.BytesIO()
-    drawn_image("red", 0).resize((96, 96)).save(buffer, format="PNG")
+    query.save(buffer, format="PNG")
     png = buffer.getvalue()
     content_type, body = search_form(png)
     headers = [
@@ -108,7 +118,7 @@ async def measure(requests: int) -> None:
     async with app.router.lifespan_context(app) as state:
         lifespan_state.update(state or {})
         service = app.state.service
-        answer = await service.engine.embed(service.engine.prepare(drawn_image("red", 0)))
+        answer = await service.engine.embed(service.engine.prepare(query))
 
         # The batcher and its thread stay; only the forward pass they run becomes instant.
         service.engine.batcher._process = lambda tensors: [answer] * len(tensors)

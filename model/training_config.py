@@ -158,12 +158,20 @@ def _checked(cls: type, data: Any, prefix: str) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML (typed)."""
+    """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML (typed).
+
+    ``data.KIND=ROOT`` (KIND a data reader: ``cub``, ``folder``, ``collage``, ...) points every
+    data spec of the config that reads KIND (``data.train``, ``data.eval``) at ROOT, keeping
+    their other options: the one override a user needs to say where a data set lives.
+    """
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ValueError(f"override must look like key.sub=value, got {override!r}")
+        if _is_data_root(key):
+            _set_data_root(result, key.removeprefix("data."), _parse_value(raw))
+            continue
         *parents, leaf = key.split(".")
         node = result
         for parent in parents:
@@ -173,6 +181,30 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[leaf] = _parse_value(raw)
     return result
+
+
+def _is_data_root(key: str) -> bool:
+    section, _, name = key.partition(".")
+    if section != "data" or not name or "." in name:
+        return False
+    if name in {f.name for f in dataclasses.fields(DataConfig)}:
+        return False
+    from model.data.registry import DATA_KINDS  # the readers: a heavy import, needed here only
+
+    return name in DATA_KINDS
+
+
+def _set_data_root(config: dict[str, Any], kind: str, root: Any) -> None:
+    data = config.get("data") or {}
+    specs = [data[name] for name in ("train", "eval") if isinstance(data.get(name), dict)]
+    reading = [spec for spec in specs if kind in spec]
+    if not reading:
+        raise ValueError(
+            f"data.{kind}=...: no data spec of this config reads {kind}; to change data sets, "
+            f"set whole specs, e.g. 'data.train={{{kind}: ROOT}}' 'data.eval={{{kind}: ROOT}}'"
+        )
+    for spec in reading:
+        spec[kind] = root
 
 
 def _parse_value(raw: str) -> Any:

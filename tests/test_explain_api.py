@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.service.main import create_app
+from tests.conftest import assert_error
 from tests.test_service_support import ServiceAssets, drawn_image, png_bytes
 
 
@@ -49,14 +50,6 @@ def grid(heatmap: dict) -> np.ndarray:
     values = np.array(heatmap["grid"])
     assert values.shape == (heatmap["height"], heatmap["width"])
     return values
-
-
-def assert_error(response, status: int, code: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["detail"]
-    if code is not None:
-        assert body["code"] == code
 
 
 # -- /v1/explain ---------------------------------------------------------------------------------

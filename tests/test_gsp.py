@@ -81,6 +81,7 @@ def test_gradcheck_through_query_ratio_and_unary_cost() -> None:
     assert torch.autograd.gradcheck(pooled, (features, ratio, unary))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
 def test_compiled_layer_equals_the_eager_one(monkeypatch) -> None:
     """The parts CUDA runs compiled (costs, solve, pooling), here on the CPU: same results."""

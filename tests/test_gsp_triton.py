@@ -27,9 +27,9 @@ from model.runtime import RuntimeOptions, using_runtime_options
 # Triton comes with torch's Linux wheels only; elsewhere the layer has its compiled path alone.
 pytest.importorskip("triton", reason="Triton is not installed (torch ships it on Linux)")
 from model.gsp_triton import MAX_LOCATIONS
+from model.reference_transport import converged_fixed_point
 from model.transport import partial_transport
-from tests.reference_transport import converged_fixed_point
-from tests.test_transport import RATIOS, adversarial_costs
+from tests.conftest import RATIOS, adversarial_costs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -43,6 +43,7 @@ kernels = pytest.mark.skipif(
 _KERNEL_TESTS = "not under_the_interpreter and not compile_for_a_gpu"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process that test starts")
 @pytest.mark.skipif(DEVICE == "cuda", reason="the kernel tests below run natively on this GPU")
 def test_kernels_under_the_interpreter() -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from index.build import build_gallery
 from index.gallery import Gallery
+from tests.conftest import gallery_of_another_model, image_bytes, write_images
 
 FORMATS = {
     "jpg": "JPEG",
@@ -23,49 +24,6 @@ FORMATS = {
     "tif": "TIFF",
     "gif": "GIF",
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained resnet18 GSP model on 64-pixel inputs, saved as a real checkpoint."""
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.config import ModelConfig, Preprocessing
-    from model.net import build_embedding_net
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        backbone="resnet18",
-        pretrained=False,
-        embedding_dim=32,
-        preprocessing=Preprocessing(image_size=64, resize_size=72),
-    )
-    directory = tmp_path_factory.mktemp("ckpt") / "model"
-    save_checkpoint(directory, build_embedding_net(config).eval(), config)
-    return directory
-
-
-def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    image = Image.fromarray(pixels)
-    if fmt == "GIF":
-        second = Image.fromarray(255 - pixels)
-        image.save(buffer, "GIF", save_all=True, append_images=[second])
-    else:
-        image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def write_images(folder: Path, seeds: range, ext: str = "jpg", fmt: str = "JPEG") -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for seed in seeds:
-        path = folder / f"{seed:04d}.{ext}"
-        path.write_bytes(image_bytes(seed, fmt))
-        paths.append(path)
-    return paths
 
 
 class ForwardCounter:
@@ -178,11 +136,6 @@ def test_a_gallery_of_another_model_is_refused(tmp_path: Path, checkpoint: Path)
     from index.errors import GalleryMismatchError
 
     write_images(tmp_path / "images", range(2))
-    Gallery.create(
-        tmp_path / "g",
-        model_fingerprint="another-model",
-        preprocessing={"image_size": 64},
-        embedding_dim=32,
-    ).close()
+    gallery_of_another_model(tmp_path / "g", "another-model")
     with pytest.raises(GalleryMismatchError, match="another-model"):
         build_gallery(tmp_path / "images", checkpoint, tmp_path / "g", workers=0, progress=False)

@@ -12,9 +12,7 @@ from PIL import Image
 from app.cli import main
 from app.heatmap import overlay_heatmap
 from index.gallery import Gallery
-from tests.test_index_build import checkpoint, write_images
-
-__all__ = ["checkpoint"]  # the fixture, shared with the build tests
+from tests.conftest import gallery_of_another_model, write_images
 
 
 def test_build_info_search_add_remove(
@@ -114,12 +112,7 @@ def test_errors_are_reported_not_raised(
 ) -> None:
     assert main(["index", "info", "--gallery", str(tmp_path / "nowhere")]) == 1
     assert "no gallery" in capsys.readouterr().err
-    Gallery.create(
-        tmp_path / "g",
-        model_fingerprint="someone-else",
-        preprocessing={"image_size": 64},
-        embedding_dim=32,
-    ).close()
+    gallery_of_another_model(tmp_path / "g", "someone-else")
     write_images(tmp_path / "q", range(1))
     assert (
         main(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +17,7 @@ from PIL import Image
 
 from app.service.inference import InferenceEngine, StartupError
 from app.service.main import create_app
+from tests.conftest import assert_error, bomb_png, encode
 from tests.test_service_support import (
     API_KEY,
     PER_LABEL,
@@ -37,31 +36,9 @@ def client(service_assets: ServiceAssets) -> Iterator[TestClient]:
         yield test_client
 
 
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def search(client: TestClient, data: bytes, content_type: str = "image/png", **fields: object):
     form = {key: str(value) for key, value in fields.items()}
     return client.post("/v1/search", files={"image": ("q", data, content_type)}, data=form)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    data = encode(Image.new("L", (1, 1)), "PNG")
-    chunk = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    return data[:8] + patched + data[8 + len(patched) :]
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert isinstance(body["detail"], str | list) and body["detail"]
-    if code is not None:
-        assert body["code"] == code
-    return body
 
 
 # -- search ------------------------------------------------------------------------------------

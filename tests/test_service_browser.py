@@ -28,9 +28,12 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = 30_000
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (CI: apt-get install -y chromium)"
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (CI: apt-get install -y chromium)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

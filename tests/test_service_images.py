@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from app.service.images import ImageRejected, decode_image
+from tests.conftest import bomb_png, encode
 
 LIMITS = {"max_bytes": 2_000_000, "max_pixels": 4_000_000}
-
-
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` (the data is never needed)."""
-    data = encode(Image.new("L", (1, 1)), "PNG")
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    return data[:8] + patched + data[8 + len(patched) :]
 
 
 def decode(data: bytes, content_type: str | None = "image/png", **limits: int):

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from app.service.settings import Settings
+from tests.conftest import free_port
 
 API_KEY = "test-key-5f1c"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
@@ -178,9 +178,7 @@ def build_assets(root: Path) -> ServiceAssets:
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI) -> Iterator[str]:
     """Run ``app`` under a real uvicorn server on a free loopback port; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.test_service_support import (
     API_KEY,
     ServiceAssets,
@@ -28,12 +28,6 @@ from tests.test_service_support import (
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 90
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -74,6 +68,7 @@ def server(service_assets: ServiceAssets) -> Iterator[tuple[str, subprocess.Pope
             process.stdout.close()
 
 
+@pytest.mark.slow
 def test_real_server_search_and_sighup_reload(
     server: tuple[str, subprocess.Popen[str]], service_assets: ServiceAssets
 ) -> None:

@@ -20,6 +20,7 @@ from model.training.metrics_log import append_metrics, truncate_metrics
 from model.training.optim import warmup_cosine
 from model.training.state import TrainingParts, decode_state, encode_state, save_trainer_state
 from model.training_config import TrainingConfig, apply_overrides, load_training_config
+from tests.conftest import free_port
 
 
 def _folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
@@ -76,6 +77,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_checkpoints_metrics_plot_resumes_and_evaluates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -223,11 +225,11 @@ def test_config_overrides_are_typed_and_checked(tmp_path: Path) -> None:
         load_training_config(path, ["epochs"])
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     """The same command under torchrun: two CPU processes (gloo), DistributedDataParallel,
     one writer."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -236,9 +238,7 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     raw = _raw_config(tmp_path)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(raw))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(port),

@@ -12,26 +12,10 @@ import model.compiling as compiling
 import model.solver as solver
 import model.transport as transport
 from model.checks import DeferredChecks
+from model.reference_transport import converged_fixed_point, fixed_point_transport
 from model.runtime import Kernel, using_runtime_options
 from model.transport import partial_transport
-from tests.reference_transport import converged_fixed_point, fixed_point_transport
-
-RATIOS = torch.tensor([0.05, 0.3, 0.7, 0.9, 0.99], dtype=torch.float64)
-
-
-def adversarial_costs(m: int, n: int) -> torch.Tensor:
-    """Random costs plus the hard cases: all equal, one far location, all 0, all 2."""
-    generator = torch.Generator().manual_seed(m * 1000 + n)
-    random = torch.rand(len(RATIOS), m, n, generator=generator, dtype=torch.float64) * 2
-    far = torch.zeros(m, n, dtype=torch.float64)
-    far[:, 0] = 2.0
-    cases = [
-        torch.full((m, n), 0.7, dtype=torch.float64),
-        far,
-        torch.zeros(m, n),
-        torch.full((m, n), 2.0),
-    ]
-    return torch.cat([random, torch.stack([c.double() for c in cases])])
+from tests.conftest import RATIOS, adversarial_costs
 
 
 @pytest.mark.parametrize("n", [1, 4, 49, 196])

@@ -21,7 +21,7 @@ from model.training.state import (
 )
 from model.training_config import TrainingConfig
 
-__all__ = ["BEST_DIR", "RunDirectory"]
+__all__ = ["BEST_DIR", "EPOCH_PREFIX", "RunDirectory"]
 
 BEST_DIR = "best"
 BEST_EPOCH_FILE = "best_epoch.json"
