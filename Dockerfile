@@ -90,6 +90,20 @@ COPY docker/entrypoint.sh /usr/local/bin/gsp-entrypoint
 COPY docker/healthcheck.py docker/reload.py /usr/local/lib/gsp/
 COPY docker/reindex.sh /usr/local/bin/gsp-reindex
 COPY docker/preflight.py /usr/local/bin/gsp-preflight
+# On a GPU, Triton (torch.compile's kernels, GSP_KERNEL=triton) compiles its CUDA launchers at
+# run time with a C compiler and Python's headers: the CUDA image has them, the CPU image, which
+# never compiles, does not. Declared this late, TARGET leaves the layers above shared.
+ARG TARGET
+# $packages is a list of words on purpose.
+# hadolint ignore=DL3008,SC2086
+RUN if [ "$TARGET" = cuda ]; then \
+        headers="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+        && packages="gcc libc6-dev" \
+        && if [ ! -e "$headers/Python.h" ]; then packages="$packages python3-dev"; fi \
+        && apt-get update \
+        && apt-get install -y --no-install-recommends $packages \
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin; \
+    fi
 USER 10001:10001
 WORKDIR /home/gsp
 EXPOSE 8000

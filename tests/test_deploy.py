@@ -424,3 +424,20 @@ def test_reload_script_posts_with_the_api_key() -> None:
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_readme_compose_commands_name_real_services_and_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deployment with compose", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    lines = [line for block in blocks for line in block.splitlines() if "docker compose" in line]
+    assert len(lines) >= 4
+    services = _compose()["services"]
+    for line in lines:
+        words = shlex.split(line.split("docker compose", 1)[1], comments=True)
+        files = [words[i + 1] for i, word in enumerate(words) if word == "-f"]
+        assert all((ROOT / file).is_file() for file in files), line
+        action = next(word for word in words if word in ("run", "up"))
+        service = next(word for word in words[words.index(action) + 1 :] if word in services)
+        if "profiles" in services[service]:
+            assert "--profile" in words, f"{line}: {service} needs its profile"
