@@ -96,7 +96,8 @@ def check(argv: list[str]) -> None:
     elif args.command[:2] == ["index", "build"]:
         check_checkpoint(checkpoint)
         check_images(args.images or Path("/images"))
-        check_gallery_writable(args.out or Path(os.environ.get("GSP_GALLERY", "/data/gallery")))
+        gallery = args.gallery or args.out  # --out: the older spelling of --gallery
+        check_gallery_writable(gallery or Path(os.environ.get("GSP_GALLERY", "/data/gallery")))
 
 
 def main(argv: list[str]) -> int:

@@ -357,7 +357,7 @@ def test_pip_build_args_mount_local_sources_and_pass_remote_ones(tmp_path: Path)
     )
 
 
-def test_preflight_names_the_mount_to_fix(tmp_path: Path) -> None:
+def test_preflight_names_the_mount_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     preflight = _docker_module("preflight")
     checkpoint, gallery, images = tmp_path / "model", tmp_path / "gallery", tmp_path / "images"
     for directory in (checkpoint, gallery, images):
@@ -378,6 +378,10 @@ def test_preflight_names_the_mount_to_fix(tmp_path: Path) -> None:
     (images / "sub").mkdir()
     (images / "sub" / "photo.JPG").write_bytes(b"")
     preflight.check(build)
+    checked: list[Path] = []
+    monkeypatch.setattr(preflight, "check_gallery_writable", checked.append)
+    preflight.check([word if word != "--out" else "--gallery" for word in build])
+    assert checked == [gallery], "--gallery, the newer spelling of --out, names the gallery"
     missing = ["serve", "--checkpoint", str(tmp_path / "absent"), "--gallery", str(gallery)]
     with pytest.raises(preflight.MountProblem, match="absent does not exist"):
         preflight.check(missing)
