@@ -1,4 +1,5 @@
-"""Container health probe: exit 0 when the service answers GET /healthz with 200, 1 otherwise.
+"""Container health probe: exit 0 when the service answers GET /readyz with 200 (model loaded,
+inference worker running, gallery open), 1 otherwise.
 
 Python's standard library instead of curl keeps the runtime image free of extra packages.
 """
@@ -9,7 +10,7 @@ import os
 import sys
 import urllib.request
 
-URL = os.environ.get("GSP_HEALTHCHECK_URL", "http://127.0.0.1:8000/healthz")
+URL = os.environ.get("GSP_HEALTHCHECK_URL", "http://127.0.0.1:8000/readyz")
 
 try:
     with urllib.request.urlopen(URL, timeout=4) as response:

@@ -2,13 +2,16 @@
 
 POSTs ``$GSP_API_URL/v1/admin/reload-gallery`` with the ``X-API-Key`` header set to the first
 key of ``GSP_API_KEYS`` (the API's own setting, so one env file serves both services).  Retries
-while the API is starting; exits non-zero when the reload is refused or never answered.
+while the API is starting; exits non-zero when the reload is refused or never answered.  When the
+API's host name does not resolve, no API is running (compose names only running services): the
+updated gallery is what it opens when it starts, so there is nothing to reload.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -36,6 +39,9 @@ def main() -> int:
             print(f"reload refused ({error.code}): {error.read().decode()}", file=sys.stderr)
             return 1
         except OSError as error:
+            if isinstance(getattr(error, "reason", None), socket.gaierror):
+                print(f"reload: no API running at {base}; it serves the new gallery once started")
+                return 0
             print(f"reload: API not reachable ({error}), try {attempt}/{ATTEMPTS}", file=sys.stderr)
             time.sleep(PAUSE_S)
     return 1

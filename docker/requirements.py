@@ -1,35 +1,31 @@
-"""Print the project's runtime requirements for one image target, one per line.
+"""Print the image's requirements file for one target: pyproject.toml's ``dependencies``, and
+for the CPU target the index that serves torch's CPU wheels.
 
-The CUDA image swaps ``faiss-cpu`` for the GPU build and keeps PyPI's default (CUDA) torch;
-the CPU image keeps ``faiss-cpu`` and gets torch from the PyTorch CPU index (set by the
-Dockerfile).  Reading pyproject.toml keeps the images pinned exactly like the package.
+Both targets install faiss-cpu: the CUDA target's torch (PyPI's CUDA 13 build) brings its own
+CUDA libraries, and no faiss GPU build for CUDA 13 is on PyPI, so the image keeps one CUDA stack.
+A target's whole difference lies in this file, so that targets whose files are equal (the CPU
+target without its index, where that index cannot be reached) share every image layer.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import tomllib
 
-FAISS_GPU = "faiss-gpu-cu12>=1.8"
+TARGETS = ("cpu", "cuda")
 
 
-def requirements(pyproject: Path, target: str) -> list[str]:
-    if target not in {"cpu", "cuda"}:
-        raise SystemExit(f"target must be cpu or cuda, got {target!r}")
-    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    result = []
-    for requirement in dependencies:
-        name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
-        if target == "cuda" and name == "faiss-cpu":
-            result.append(FAISS_GPU)
-        else:
-            result.append(requirement)
-    return result
+def requirements(pyproject: Path, target: str, torch_index: str = "") -> list[str]:
+    if target not in TARGETS:
+        raise SystemExit(f"target must be one of {TARGETS}, got {target!r}")
+    lines = list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    if target == "cpu" and torch_index:
+        lines.insert(0, f"--extra-index-url {torch_index}")
+    return lines
 
 
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    print("\n".join(requirements(Path("pyproject.toml"), target)))
+    path, target, *index = sys.argv[1:] or ["pyproject.toml", "cpu"]
+    print("\n".join(requirements(Path(path), target, *index)))

@@ -15,9 +15,7 @@ from app.cli import build_parser
 from app.demo.prepare import DemoSpec, box_weight_share, prepare_demo, prepare_user_gallery
 from app.demo.scenes import CLASSES, SceneConfig, generate_scenes, render_scene
 from index.gallery import Gallery
-from tests.test_index_build import checkpoint, write_images
-
-__all__ = ["checkpoint"]  # the fixture, shared with the build tests
+from tests.conftest import write_images
 
 SMALL = SceneConfig(image_size=96)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import tomllib
 import yaml
 
 from app.cli import build_parser
@@ -136,7 +137,8 @@ def test_compose_service_commands_are_gsp_commands() -> None:
 def test_every_script_gsp_line_names_a_real_subcommand() -> None:
     parser = build_parser()
     known = set(parser._subparsers._group_actions[0].choices)  # the registered subcommands
-    for script in sorted((ROOT / "docker").glob("*.sh")):
+    installed = _installed_files(_final_stage()).values()
+    for script in sorted(path for path in installed if path.suffix == ".sh"):
         for words in _script_gsp_lines(script):
             first = words[0] if words else ""
             if first.startswith("$"):
@@ -201,6 +203,59 @@ def test_compose_reserves_a_gpu_and_uses_the_committed_env_file() -> None:
         assert services[job]["profiles"] == ["jobs"]
 
 
+class _Reset:
+    """compose's ``!reset`` tag: the key is dropped from the merged service."""
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    pass
+
+
+_OverrideLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file for what ours use: mappings merged key by key,
+    other values replaced, ``!reset`` keys dropped."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, _Reset):
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_cpu_override_drops_every_gpu_reservation(tmp_path: Path) -> None:
+    override = yaml.load((ROOT / "docker-compose.cpu.yml").read_text(), Loader=_OverrideLoader)
+    base = _compose()
+    assert set(override["services"]) == set(base["services"])
+    merged = _merge(base, {"services": override["services"]})
+    for name, service in merged["services"].items():
+        assert "deploy" not in service, f"{name} still reserves a GPU"
+        assert service["image"].endswith(":cpu") and service["build"]["args"]["TARGET"] == "cpu"
+        assert service["command"] == base["services"][name]["command"]
+    merged_file = tmp_path / "merged.yml"
+    merged_file.write_text(yaml.safe_dump(merged))
+    result = _check_compose(merged_file)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_api_serves_read_only_so_the_indexer_can_write() -> None:
+    from app.service.settings import Settings
+
+    services = _compose()["services"]
+    read_only = services["api"]["environment"]["GSP_GALLERY_READ_ONLY"]
+    assert Settings.model_validate(
+        {"checkpoint": "c", "gallery": "g", "gallery_read_only": read_only}
+    ).gallery_read_only
+    indexer_volumes = {v.split(":")[1]: v for v in services["indexer"]["volumes"]}
+    assert not indexer_volumes["/data/gallery"].endswith(":ro")
+    assert services["indexer"]["environment"]["GSP_API_URL"] == "http://api:8000"
+
+
 def test_env_example_holds_only_known_service_settings() -> None:
     from app.service.settings import Settings
 
@@ -211,8 +266,9 @@ def test_env_example_holds_only_known_service_settings() -> None:
             assert key in fields, f".env.example sets {key}, which the service does not read"
 
 
-def test_entrypoint_runs_gsp_subcommands_and_other_programs() -> None:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def test_entrypoint_runs_gsp_subcommands_and_other_programs(tmp_path: Path) -> None:
+    (tmp_path / "gsp-preflight").symlink_to(ROOT / "docker" / "preflight.py")  # as installed
+    env = {**os.environ, "PATH": os.pathsep.join([str(BIN), str(tmp_path), os.environ["PATH"]])}
     script = str(ROOT / "docker" / "entrypoint.sh")
     version = subprocess.run(
         ["sh", script, "--version"], capture_output=True, text=True, env=env, check=True
@@ -226,24 +282,110 @@ def test_entrypoint_runs_gsp_subcommands_and_other_programs() -> None:
         ["sh", script, "echo", "hello"], capture_output=True, text=True, env=env, check=True
     )
     assert other.stdout.strip() == "hello"
+    env["GSP_CHECKPOINT"] = str(tmp_path / "no-model")
+    refused = subprocess.run(["sh", script, "serve"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("gsp container: model checkpoint") and not refused.stdout
 
 
-def test_requirements_swap_faiss_for_the_gpu_build() -> None:
+def _docker_module(name: str):
+    """A module of docker/ (scripts, not a package), imported by file name."""
     sys.path.insert(0, str(ROOT / "docker"))
     try:
-        from requirements import requirements
+        return __import__(name)
     finally:
         sys.path.pop(0)
-    cpu = requirements(ROOT / "pyproject.toml", "cpu")
-    cuda = requirements(ROOT / "pyproject.toml", "cuda")
-    assert any(line.startswith("faiss-cpu") for line in cpu)
-    assert not any(line.startswith("faiss-cpu") for line in cuda)
-    assert any(line.startswith("faiss-gpu-cu12") for line in cuda)
-    assert [line for line in cpu if "faiss" not in line] == [
-        line for line in cuda if "faiss" not in line
+
+
+def test_image_requirements_differ_by_target_only_in_the_torch_index() -> None:
+    requirements = _docker_module("requirements").requirements
+    pyproject = ROOT / "pyproject.toml"
+    with pyproject.open("rb") as handle:
+        dependencies = tomllib.load(handle)["project"]["dependencies"]
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    assert requirements(pyproject, "cpu", cpu_index) == [
+        f"--extra-index-url {cpu_index}",
+        *dependencies,
     ]
+    # the CUDA target keeps the package index's (CUDA) torch; without its index the CPU target
+    # installs the same, so the two images share their layers
+    assert requirements(pyproject, "cuda", cpu_index) == dependencies
+    assert requirements(pyproject, "cpu", "") == dependencies
+    names = [re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0].lower() for line in dependencies]
+    assert "faiss-cpu" in names and "torch" in names
+    assert not [name for name in names if "cu12" in name or name.startswith("faiss-gpu")]
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "requirements.py"), str(pyproject), "cpu", "X"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert printed.stdout.splitlines() == ["--extra-index-url X", *dependencies]
     with pytest.raises(SystemExit):
-        requirements(ROOT / "pyproject.toml", "rocm")
+        requirements(pyproject, "rocm")
+
+
+def test_pip_build_args_mount_local_sources_and_pass_remote_ones(tmp_path: Path) -> None:
+    pip_build_args = _docker_module("pip_build_args")
+    index_root, wheels = tmp_path / "pypi", tmp_path / "wheels"
+    (index_root / "simple").mkdir(parents=True)
+    wheels.mkdir()
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch<=2.14.1\n")
+    options = pip_build_args.build_options(
+        {
+            "extra-index-url": f"file://{index_root}/simple https://mirror.example/simple",
+            "find-links": f"{wheels} {tmp_path / 'absent'}",
+            "constraint": str(constraints),
+        }
+    )
+    assert f"--build-arg=PIP_FIND_LINKS={wheels} {tmp_path / 'absent'}" in options
+    assert f"--build-arg=PIP_CONSTRAINT={constraints}" in options
+    mounts = [option for option in options if option.startswith("--volume=")]
+    # a file:// index is mounted with its parent (the files its pages link to); remote URLs
+    # and paths that do not exist are not mounted
+    assert mounts == [
+        f"--volume={index_root}:{index_root}:ro",
+        f"--volume={wheels}:{wheels}:ro",
+        f"--volume={constraints}:{constraints}:ro",
+    ]
+    bundle = tmp_path / "ca.crt"
+    assert pip_build_args.ca_options(bundle) == []
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert f"--build-arg=SSL_CERT_FILE={pip_build_args.BUILD_CA_BUNDLE}" in (
+        pip_build_args.ca_options(bundle)
+    )
+
+
+def test_preflight_names_the_mount_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    preflight = _docker_module("preflight")
+    checkpoint, gallery, images = tmp_path / "model", tmp_path / "gallery", tmp_path / "images"
+    for directory in (checkpoint, gallery, images):
+        directory.mkdir()
+    serve = ["serve", "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
+    build = ["index", "build", "--images", str(images), "--checkpoint", str(checkpoint)]
+    build += ["--out", str(gallery)]
+    with pytest.raises(preflight.MountProblem, match=r"has no config\.json"):
+        preflight.check(serve)
+    (checkpoint / "config.json").write_text("{}")
+    with pytest.raises(preflight.MountProblem, match=r"no gallery in .* yet"):
+        preflight.check(serve)
+    (gallery / "current").mkdir()
+    preflight.check(serve)
+    (images / "notes.txt").write_text("no image")
+    with pytest.raises(preflight.MountProblem, match="holds no images"):
+        preflight.check(build)
+    (images / "sub").mkdir()
+    (images / "sub" / "photo.JPG").write_bytes(b"")
+    preflight.check(build)
+    checked: list[Path] = []
+    monkeypatch.setattr(preflight, "check_gallery_writable", checked.append)
+    preflight.check([word if word != "--out" else "--gallery" for word in build])
+    assert checked == [gallery], "--gallery, the newer spelling of --out, names the gallery"
+    missing = ["serve", "--checkpoint", str(tmp_path / "absent"), "--gallery", str(gallery)]
+    with pytest.raises(preflight.MountProblem, match="absent does not exist"):
+        preflight.check(missing)
+    assert preflight.main(["train", "--config", "x.yaml"]) == 0  # nothing to check
 
 
 class _ReloadHandler(BaseHTTPRequestHandler):
@@ -286,3 +428,20 @@ def test_reload_script_posts_with_the_api_key() -> None:
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_readme_compose_commands_name_real_services_and_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deployment with compose", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    lines = [line for block in blocks for line in block.splitlines() if "docker compose" in line]
+    assert len(lines) >= 4
+    services = _compose()["services"]
+    for line in lines:
+        words = shlex.split(line.split("docker compose", 1)[1], comments=True)
+        files = [words[i + 1] for i, word in enumerate(words) if word == "-f"]
+        assert all((ROOT / file).is_file() for file in files), line
+        action = next(word for word in words if word in ("run", "up"))
+        service = next(word for word in words[words.index(action) + 1 :] if word in services)
+        if "profiles" in services[service]:
+            assert "--profile" in words, f"{line}: {service} needs its profile"
