@@ -18,10 +18,8 @@ from app.cli import main
 from index.errors import GalleryCorruptError, GalleryError, GalleryNotFoundError
 from index.gallery import Gallery
 from index.layout import CREATING, CURRENT, DATABASE, LOCK_FILE, SNAPSHOTS
+from tests.conftest import write_images
 from tests.test_gallery import create, grids, items, unit_vectors
-from tests.test_index_build import checkpoint, write_images
-
-__all__ = ["checkpoint"]  # the fixture, shared with the build tests
 
 GSP = Path(sys.executable).parent / "gsp"
 IMAGES = 12
