@@ -21,7 +21,7 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
-from model.config import Preprocessing, PretrainedWeights
+from model.config import Preprocessing, PretrainedWeights, per_channel
 
 __all__ = [
     "BACKBONES",
@@ -82,8 +82,8 @@ def default_preprocessing(name: str) -> Preprocessing:
     return Preprocessing(
         image_size=int(transform.crop_size[0]),
         resize_size=int(transform.resize_size[0]),
-        mean=tuple(float(v) for v in transform.mean),
-        std=tuple(float(v) for v in transform.std),
+        mean=per_channel(transform.mean, "mean"),
+        std=per_channel(transform.std, "std"),
     )
 
 
