@@ -461,8 +461,9 @@ class VectorIndex:
             return self.index
         if self._gpu_index is None:
             options = faiss.GpuClonerOptions()
-            # 64 sub-quantisers' lookup tables exceed a block's shared memory in float32.
-            options.useFloat16LookupTables = self.index_type == "ivf"
+            # 64 sub-quantisers' lookup tables exceed a block's shared memory in float32; for an
+            # IVF-PQ index the cloner's ``useFloat16`` is its lookup tables' precision.
+            options.useFloat16 = self.index_type == "ivf"
             self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index, options)
             if self.index_type in IVF_TYPES:
                 faiss.GpuParameterSpace().set_index_parameter(
