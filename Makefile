@@ -25,6 +25,7 @@ $(RUNTIME_STAMP): pyproject.toml tools/install.py | $(BIN)/python
 lint: $(STAMP)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --no-cache --check .
+	$(BIN)/mypy
 
 # `make serve`: the built-in demo (prepared offline, cached under .cache/demo) on HOST:PORT;
 # `GALLERY=/path/to/photos make serve` indexes that folder with the demo model instead.
@@ -37,13 +38,16 @@ serve: $(RUNTIME_STAMP)
 
 # `make test` is what CI runs (container tests have their own step in .ci/run); `make test-fast`
 # is the inner loop: the same minus the slow, browser and Ray tests (markers in pyproject.toml).
+# mypy checks model/, index/ and app/ ([tool.mypy] in pyproject.toml; cache in .cache/mypy).
 test: $(STAMP)
 	$(BIN)/ruff check --no-cache .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not container"
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check --no-cache .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not browser and not ray and not container"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/mypy

@@ -158,7 +158,9 @@ class MetadataStore:
                         grid.shape[1],
                     ),
                 )
-                ids.append(int(cursor.lastrowid))
+                # Set by every successful INSERT (typeshed types it ``int | None``).
+                assert cursor.lastrowid is not None
+                ids.append(cursor.lastrowid)
         return ids
 
     def update_metadata(

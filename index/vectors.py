@@ -152,7 +152,10 @@ def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> d
     if index_type == "ivf_sq8":
         nprobe = _probes_to_scan(_SQ8_SCANNED, nlist, count)
         return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
-    if index_type in ("ivf", "ivf_fastscan") and dim is None:
+    if index_type not in ("ivf", "ivf_fastscan"):
+        nprobe = min(nlist, max(8, nlist // 256))
+        return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
+    if dim is None:
         raise ValueError(f"an {index_type} index needs the embedding dimension")
     if index_type == "ivf_fastscan":
         return {
@@ -163,17 +166,14 @@ def ivf_params(count: int, index_type: str = "ivf", dim: int | None = None) -> d
             "refine": REFINE,
             "trained_on": count,
         }
-    if index_type == "ivf":
-        nprobe = min(nlist, max(16, nlist // 64))
-        return {
-            "nlist": nlist,
-            "nprobe": nprobe,
-            "m": pq_subquantizers(dim),
-            "nbits": _PQ_BITS,
-            "trained_on": count,
-        }
-    nprobe = min(nlist, max(8, nlist // 256))
-    return {"nlist": nlist, "nprobe": nprobe, "trained_on": count}
+    nprobe = min(nlist, max(16, nlist // 64))
+    return {
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "m": pq_subquantizers(dim),
+        "nbits": _PQ_BITS,
+        "trained_on": count,
+    }
 
 
 def _rows_path(index_path: Path) -> Path:
@@ -339,8 +339,8 @@ class VectorIndex:
         """
         if self.index_type == "ivf_fastscan":
             ivf = faiss.extract_index_ivf(self.index)
-            rows = faiss.downcast_index(self.index.refine_index)
-            return int(ivf.code_size) + int(rows.code_size) + 2 * _ID_BYTES  # + row number, id
+            rows = self._refine.refine_index
+            return int(ivf.code_size) + int(rows.sa_code_size()) + 2 * _ID_BYTES  # + row number, id
         if self.index_type in IVF_TYPES:
             return int(faiss.extract_index_ivf(self.index).code_size) + _ID_BYTES
         return 4 * int(self.index.d) + _ID_BYTES
@@ -349,8 +349,15 @@ class VectorIndex:
     def ntotal(self) -> int:
         """Items the index holds (removed ``ivf_fastscan`` rows do not count)."""
         if self.index_type == "ivf_fastscan":
-            return int(self.index.base_index.ntotal)
+            return int(self._refine.base_index.ntotal)
         return int(self.index.ntotal)
+
+    @property
+    def _refine(self) -> faiss.IndexRefine:
+        """``ivf_fastscan``'s index: row-numbered product codes re-scored by scalar codes."""
+        if not isinstance(self.index, faiss.IndexRefine):
+            raise TypeError(f"an {self.index_type} index has no refine stage")
+        return self.index
 
     @property
     def dead_share(self) -> float:
@@ -390,9 +397,9 @@ class VectorIndex:
             return
         # Product codes carry the row number of the item's scalar code; rows are only appended.
         rows = np.arange(len(self._row_ids), len(self._row_ids) + len(ids), dtype=np.int64)
-        self.index.base_index.add_with_ids(vectors, rows)
-        self.index.refine_index.add(vectors)
-        self.index.ntotal = self.index.refine_index.ntotal
+        self._refine.base_index.add_with_ids(vectors, rows)
+        self._refine.refine_index.add(vectors)
+        self.index.ntotal = self._refine.refine_index.ntotal
         self._row_ids = np.concatenate([self._row_ids, ids])
 
     def remove(self, ids: np.ndarray) -> int:
@@ -403,7 +410,7 @@ class VectorIndex:
         if self._row_ids is None:
             return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
         rows = np.flatnonzero(np.isin(self._row_ids, ids) & (self._row_ids >= 0))
-        removed = int(self.index.base_index.remove_ids(faiss.IDSelectorBatch(rows)))
+        removed = int(self._refine.base_index.remove_ids(faiss.IDSelectorBatch(rows)))
         self._row_ids[rows] = -1
         return removed
 
@@ -417,12 +424,14 @@ class VectorIndex:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._row_ids is not None:
-            return self._search_rows(queries, k, allowed)
+            return self._search_rows(queries, k, allowed, self._row_ids)
         if allowed is None:
             return self._searchable(k).search(queries, k)
         selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
         if self.index_type == "flat":
-            return _numpy_search(self.index, queries, k, faiss.SearchParameters(sel=selector))
+            # faiss's stubs omit the keyword constructor of its SearchParameters classes.
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+            return _numpy_search(self.index, queries, k, params)
         return self._widening_search(queries, k, min(k, len(allowed)), selector)
 
     def _widening_search(
@@ -432,9 +441,11 @@ class VectorIndex:
         nlist = int(self.params["nlist"])
         nprobe = int(self.params["nprobe"])
         while True:
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            # faiss's stubs omit the keyword constructor of its SearchParameters classes.
+            params: faiss.SearchParameters
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
             if self._row_ids is not None:
-                params = faiss.IndexRefineSearchParameters(
+                params = faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
                     k_factor=float(self.params["refine"]), base_index_params=params
                 )
             scores, ids = _numpy_search(self.index, queries, k, params)
@@ -443,17 +454,17 @@ class VectorIndex:
             nprobe = min(nlist, nprobe * 4)
 
     def _search_rows(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, row_ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``ivf_fastscan``: search by row number, then map rows to ids."""
+        """``ivf_fastscan``: search by row number, then map rows to ids with ``row_ids``."""
         selector = None
         wanted = min(k, self.ntotal)
         if allowed is not None:
-            rows = np.flatnonzero(np.isin(self._row_ids, np.asarray(allowed, dtype=np.int64)))
+            rows = np.flatnonzero(np.isin(row_ids, np.asarray(allowed, dtype=np.int64)))
             selector = faiss.IDSelectorBatch(rows.astype(np.int64))
             wanted = min(k, len(rows))
         scores, rows = self._widening_search(queries, k, wanted, selector)
-        return scores, np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
+        return scores, np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
 
     def _searchable(self, k: int) -> faiss.Index:
         """The GPU copy when there is a GPU and ``k`` is within its limit, else the CPU index."""
@@ -461,8 +472,9 @@ class VectorIndex:
             return self.index
         if self._gpu_index is None:
             options = faiss.GpuClonerOptions()
-            # 64 sub-quantisers' lookup tables exceed a block's shared memory in float32.
-            options.useFloat16LookupTables = self.index_type == "ivf"
+            # 64 sub-quantisers' lookup tables exceed a block's shared memory in float32; for an
+            # IVF-PQ index the cloner's ``useFloat16`` is its lookup tables' precision.
+            options.useFloat16 = self.index_type == "ivf"
             self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index, options)
             if self.index_type in IVF_TYPES:
                 faiss.GpuParameterSpace().set_index_parameter(

@@ -14,14 +14,16 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
 import torchvision
 from safetensors.torch import load_file as load_safetensors
+from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
-from model.config import Preprocessing, PretrainedWeights
+from model.config import Preprocessing, PretrainedWeights, per_channel
 
 __all__ = [
     "BACKBONES",
@@ -82,8 +84,8 @@ def default_preprocessing(name: str) -> Preprocessing:
     return Preprocessing(
         image_size=int(transform.crop_size[0]),
         resize_size=int(transform.resize_size[0]),
-        mean=tuple(float(v) for v in transform.mean),
-        std=tuple(float(v) for v in transform.std),
+        mean=per_channel(transform.mean, "mean"),
+        std=per_channel(transform.std, "std"),
     )
 
 
@@ -176,7 +178,9 @@ def _shipped_lite0_file() -> Path:
     return files[0]
 
 
-def _lite0_model(pretrained: PretrainedWeights | os.PathLike[str], output_stride: int) -> nn.Module:
+def _lite0_model(
+    pretrained: PretrainedWeights | os.PathLike[str], output_stride: int
+) -> EfficientNet:
     """timm's efficientnet_lite0 (with its ImageNet head) carrying the requested weights."""
     model = timm.create_model(
         "efficientnet_lite0", pretrained=False, bn_eps=_LITE0_BN_EPS, output_stride=output_stride
@@ -186,7 +190,8 @@ def _lite0_model(pretrained: PretrainedWeights | os.PathLike[str], output_stride
         model.load_state_dict(_map_by_order(model, _read_state_file(path), str(path)))
     elif pretrained is not False:
         _load_keyed(model, _read_state_file(pretrained), str(pretrained), head="classifier")
-    return model
+    # create_model is typed to return any nn.Module; this name builds an EfficientNet.
+    return cast(EfficientNet, model)
 
 
 def _torchvision_cache_file(name: str) -> Path:

@@ -15,7 +15,7 @@ run batches of 1 and 2 has compiled every batch size (tests/test_gsp.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -23,7 +23,8 @@ from model.runtime import runtime_options
 
 __all__ = ["compile_enabled", "fused"]
 
-F = TypeVar("F", bound=Callable)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _compiled: dict[Callable, Callable] = {}
 
@@ -33,7 +34,7 @@ def compile_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and runtime_options().compile
 
 
-def fused(part: F, device: torch.device) -> F:
+def fused(part: Callable[P, R], device: torch.device) -> Callable[P, R]:
     """``part`` compiled (see the module doc for shapes) where :func:`compile_enabled`, else
     itself."""
     if not compile_enabled(device):

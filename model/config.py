@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
 
-__all__ = ["ModelConfig", "Preprocessing", "PretrainedWeights"]
+__all__ = ["ModelConfig", "Preprocessing", "PretrainedWeights", "per_channel"]
 
 PretrainedWeights: TypeAlias = bool | str
 """A backbone's starting weights: ``True`` its ImageNet weights from the local cache or package,
@@ -14,6 +15,15 @@ stays JSON)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def per_channel(values: Iterable[float], name: str) -> tuple[float, float, float]:
+    """``values`` as one float per RGB channel (a normalisation's mean or std); any other count
+    is refused, since normalising with it would broadcast silently."""
+    floats = [float(value) for value in values]
+    if len(floats) != 3:
+        raise ValueError(f"{name} needs one value per RGB channel, got {floats}")
+    return floats[0], floats[1], floats[2]
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ class Preprocessing:
         return cls(
             image_size=int(data["image_size"]),
             resize_size=int(data["resize_size"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
+            mean=per_channel(data["mean"], "mean"),
+            std=per_channel(data["std"], "std"),
         )
 
 

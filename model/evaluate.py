@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.data import collage_masks, default_split, open_dataset
+from model.data import CollageDataset, collage_masks, default_split, open_dataset
 from model.feature_cache import FeatureMapSet
 
 __all__ = [
@@ -53,7 +53,7 @@ class RetrievalCalculator(AccuracyCalculator):
         self.recall_ks = tuple(sorted({int(k) for k in recall_ks}))
         super().__init__(k="max_bin_count", device=torch.device("cpu"), **kwargs)
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Callable[..., float]:
         # ``calculate_recall_at_<k>`` for each requested k, found by AccuracyCalculator's dir().
         prefix = "calculate_recall_at_"
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
@@ -110,7 +110,8 @@ def retrieval_metrics(
         raise ValueError("give both reference and reference_labels, or neither")
     if query_t.shape[0] < 2 and reference is None:
         raise ValueError("leave-one-out evaluation needs at least 2 queries")
-    calculator = RetrievalCalculator(
+    # Typed as the library's (untyped) class: its public methods, not the recall hook above.
+    calculator: AccuracyCalculator = RetrievalCalculator(
         recall_ks,
         include=(*_RENAMED, *(f"recall_at_{k}" for k in sorted(set(recall_ks)))),
     )
@@ -155,7 +156,7 @@ class EvalInputs:
     forward: Callable[[Tensor], Any]
     query: Dataset
     gallery: Dataset | None = None
-    collage: Dataset | None = None
+    collage: CollageDataset | None = None
     crop_fraction: float = 1.0
     num_workers: int = 0
 
@@ -208,7 +209,8 @@ def score(
         )
         metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels)
     if inputs.collage is not None:
-        masks = collage_masks(inputs.collage, tuple(weights.shape[1:]), inputs.crop_fraction)
+        _, height, width = weights.shape
+        masks = collage_masks(inputs.collage, (height, width), inputs.crop_fraction)
         metrics["target_mass_share"] = target_mass_share(weights, *masks)
     return metrics
 
@@ -248,7 +250,7 @@ def evaluate_checkpoint(
         net,
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
-        collage=sets[0] if hasattr(sets[0], "target_cells") else None,
+        collage=sets[0] if isinstance(sets[0], CollageDataset) else None,
         crop_fraction=preprocessing.crop_fraction,
         num_workers=num_workers,
     )

@@ -122,13 +122,15 @@ def _backward_block(
     """
     taken = torch.sigmoid(z).to(assignment.dtype)
     ratio_column = ratio.to(taken.dtype)[:, None]
-    _, pull = torch.func.vjp(pooled_outputs, assignment, taken, projected, ratio_column)
+    # torch types vjp's result as a union of both arities (no overload on has_aux).
+    _, pull = torch.func.vjp(pooled_outputs, assignment, taken, projected, ratio_column)  # type: ignore[misc]
     grad_assignment, grad_taken, grad_projected, grad_ratio = pull(grads)
     with torch.autocast(device_type=projected.device.type, enabled=False):
         grad_cost, grad_mu = implicit_backward(
             assignment, z, grad_assignment, grad_taken, None, entropy_weight
         )
-    cost, pull = torch.func.vjp(_costs, projected, prototypes, *unary)
+    # torch types vjp's result as a union of both arities (no overload on has_aux).
+    cost, pull = torch.func.vjp(_costs, projected, prototypes, *unary)  # type: ignore[misc]
     grad_projected_cost, grad_prototypes, *grad_unary = pull(grad_cost.to(cost.dtype))
     grad_ratio = grad_mu + grad_ratio[:, 0].to(grad_mu.dtype)
     return grad_projected + grad_projected_cost, grad_prototypes, *grad_unary, grad_ratio
@@ -178,8 +180,8 @@ class _GSPPool(torch.autograd.Function):
             grad_projected, grad_prototypes, *grad_unary, grad_ratio = fused(
                 _backward_block, projected.device
             )(projected, prototypes, extra, ratio, assignment, z, grads, ctx.entropy_weight)
-        grad_unary = grad_unary[0] if grad_unary else None
-        return grad_projected, grad_prototypes, grad_unary, grad_ratio.to(ratio.dtype), None
+        grad_unary_input = grad_unary[0] if grad_unary else None
+        return grad_projected, grad_prototypes, grad_unary_input, grad_ratio.to(ratio.dtype), None
 
 
 def _cosine_pullback(
@@ -188,7 +190,8 @@ def _cosine_pullback(
     """Gradients w.r.t. features and prototypes from the cosines' gradient, plus the pooled
     vector's share of the features' gradient: one compiled call on CUDA (the normalisations'
     gradients are a dozen small operations eagerly)."""
-    _, pull = torch.func.vjp(cosines, projected, prototypes)
+    # torch types vjp's result as a union of both arities (no overload on has_aux).
+    _, pull = torch.func.vjp(cosines, projected, prototypes)  # type: ignore[misc]
     grad_projected, grad_prototypes = pull(grad_cosine)
     if through_pooling is not None:
         grad_projected = grad_projected + through_pooling.view_as(grad_projected)

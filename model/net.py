@@ -39,7 +39,10 @@ class EmbeddingNet(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.pooling.embedding_dim)
+        dim = self.pooling.embedding_dim  # set by every pooling layer; torch types it loosely
+        if not isinstance(dim, int):
+            raise TypeError(f"{type(self.pooling).__name__} has no integer embedding_dim")
+        return dim
 
     def features(self, images: Tensor) -> Tensor:
         """The backbone's ``(B, C, h, w)`` feature map of ``(B, 3, H, W)`` images."""

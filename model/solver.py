@@ -202,7 +202,13 @@ def solver_for(device: torch.device) -> Solver:
     On a CPU arithmetic dominates and a check costs nothing: eager, checked after each step.
     """
     steps = _GPU_STEPS_PER_CHECK if device.type == "cuda" else 1
-    return Solver(*(fused(part, device) for part in EAGER[:4]), steps_per_check=steps)
+    return Solver(
+        fused(EAGER.begin, device),
+        fused(EAGER.newton, device),
+        fused(EAGER.finish, device),
+        fused(EAGER.backward, device),
+        steps_per_check=steps,
+    )
 
 
 class Begun(NamedTuple):

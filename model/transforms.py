@@ -94,17 +94,19 @@ def _to_normalised_tensor(preprocessing: Preprocessing) -> list[Callable]:
     return [T.ToTensor(), T.Normalize(mean=preprocessing.mean, std=preprocessing.std)]
 
 
+def _crop_steps(preprocessing: Preprocessing) -> list[Callable]:
+    return [
+        ToRGB(),
+        T.Resize(preprocessing.resize_size, interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(preprocessing.image_size),
+    ]
+
+
 def eval_crop(preprocessing: Preprocessing) -> Callable[[Image.Image], Image.Image]:
     """The geometric half of :func:`eval_transform`: RGB, short side to ``resize_size``, centre
     crop. Still an 8-bit image, so a service can ship 4x fewer bytes and normalise on the device.
     """
-    return T.Compose(
-        [
-            ToRGB(),
-            T.Resize(preprocessing.resize_size, interpolation=T.InterpolationMode.BILINEAR),
-            T.CenterCrop(preprocessing.image_size),
-        ]
-    )
+    return T.Compose(_crop_steps(preprocessing))
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
@@ -136,7 +138,7 @@ class Normalise:
 
 def eval_transform(preprocessing: Preprocessing) -> Transform:
     """Deterministic input: RGB, short side to ``resize_size``, centre crop, normalise."""
-    return T.Compose([*eval_crop(preprocessing).transforms, *_to_normalised_tensor(preprocessing)])
+    return T.Compose([*_crop_steps(preprocessing), *_to_normalised_tensor(preprocessing)])
 
 
 def train_transform(

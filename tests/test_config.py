@@ -60,6 +60,17 @@ def test_preprocessing_json_keeps_only_the_sizes() -> None:
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+@pytest.mark.parametrize("field", ["mean", "std"])
+@pytest.mark.parametrize("values", [[0.5], [0.5] * 4])
+def test_stored_preprocessing_needs_one_mean_and_std_per_rgb_channel(
+    field: str, values: list[float]
+) -> None:
+    # One value would broadcast over the channels silently, four would fail mid-request.
+    stored = {"image_size": 224, "resize_size": 256, "mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(ValueError, match=f"{field} needs one value per RGB channel"):
+        Preprocessing.from_dict({**stored, field: values})
+
+
 @pytest.mark.parametrize(("raw", "value"), [("true", True), ("false", False)])
 def test_pretrained_flags_from_overrides_are_booleans(raw: str, value: bool) -> None:
     config = load_training_config("configs/collage_gsp.yaml", [f"model.pretrained={raw}"])

@@ -21,7 +21,7 @@ from index.errors import (
     GalleryReadOnlyError,
 )
 from index.gallery import Gallery, ItemInput
-from index.vectors import faiss_gpu_available, ivf_params, resolve_index_type
+from index.vectors import VectorIndex, faiss_gpu_available, ivf_params, resolve_index_type
 
 DIM = 16
 PREPROCESSING = {"image_size": 64, "resize_size": 72, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -293,6 +293,26 @@ def test_gpu_search_matches_exact_search(tmp_path: Path) -> None:
         assert gallery.search_device == "gpu"
     exact = np.argsort(-(vectors[:50] @ vectors.T), axis=1)[:, :10] + 1
     assert [[m.id for m in row] for row in hits] == exact.tolist()
+
+
+@pytest.mark.gpu
+def test_gpu_copy_of_a_wide_product_code_index_searches() -> None:
+    # 64 sub-quantisers need float16 lookup tables on the GPU; an option the cloner does not
+    # know would be dropped silently and the copy refused.
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("faiss is the CPU build; install faiss-gpu to search on the GPU")
+    dim = 256
+    x = np.random.default_rng(0).standard_normal((4000, dim)).astype(np.float32)
+    vectors = x / np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex.trained_ivf(dim, len(vectors), vectors, index_type="ivf")
+    assert index.params["m"] == 64
+    index.add(np.arange(len(vectors)), vectors)
+    index.set_nprobe(int(index.params["nlist"]))
+    _, ids = index.search(vectors[:50], 10)
+    assert index.on_gpu
+    assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
 
 
 def _exact_top(queries: np.ndarray, vectors: np.ndarray, k: int) -> list[list[int]]:

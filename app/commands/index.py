@@ -145,7 +145,7 @@ def _add(args: argparse.Namespace) -> int:
     from index.images import find_images
     from model.checkpoint import load_checkpoint
 
-    files = []
+    files: list[tuple[Path, str | None]] = []
     for path in args.images:
         if path.is_dir():
             files.extend((found, args.label) for found in find_images(path))

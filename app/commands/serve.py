@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from app.commands.options import add_device_option, add_gallery_option
 
@@ -60,8 +61,10 @@ def serve(overrides: Mapping[str, object], *, host: str, port: int, log_level: s
     from app.service.main import create_app
     from app.service.settings import Settings
 
+    # Values of any type: pydantic validates and converts each one (ValidationError below).
+    given: dict[str, Any] = {key: value for key, value in overrides.items() if value is not None}
     try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+        settings = Settings(**given)
         app = create_app(settings)
     except ValidationError as error:
         print(f"gsp serve: invalid settings:\n{error}", file=sys.stderr)

@@ -265,9 +265,10 @@ def evaluate_gallery(index_dir: Path, images_dir: Path, image_size: int) -> dict
             sha256 = hashlib.sha256((images_dir / relative).read_bytes()).hexdigest()
             item_id = gallery.find_sha256(sha256)
             item = gallery.get(item_id) if item_id is not None else None
-            if item is None:
+            embedding = gallery.embedding(item.id) if item is not None else None
+            if item is None or embedding is None:
                 raise RuntimeError(f"{relative} is missing from the gallery {index_dir}")
-            embeddings.append(gallery.embedding(item_id))
+            embeddings.append(embedding)
             labels.append(scene["label"])
             share, area = box_weight_share(item.weights, scene["box"], (image_size, image_size))
             shares.append(share)
@@ -312,10 +313,11 @@ def prepare_demo(spec: DemoSpec | None = None, cache_dir: Path = DEFAULT_CACHE_D
     checkpoint = prepare_model(spec, cache_dir)
     model_built = (_ready(checkpoint.parent) or {}).get("built")
     report = _ready(directory)
-    reused = report is not None and report.get("model_built") == model_built
-    if reused:
+    if report is not None and report.get("model_built") == model_built:
+        reused = True
         upgrade_cached(index_dir)
     else:
+        reused = False
         _fresh(directory)
         total = spec.gallery_per_class * len(CLASSES)
         print(f"demo: drawing {total} gallery scenes", flush=True)

@@ -241,7 +241,8 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(20, 236, 3))
+    red, green, blue = (int(v) for v in rng.integers(20, 236, 3))
+    return red, green, blue
 
 
 def _distractor(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:

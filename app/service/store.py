@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from app.service.inference import StartupError
 
@@ -90,7 +90,8 @@ class GalleryStore:
         self.save_interval = save_interval
         self.unsaved_writes = 0
         self._timer: threading.Timer | None = None
-        self._view = _CoalescedSaves(self)
+        # The proxy forwards every attribute but ``save`` to the gallery: callers see a Gallery.
+        self._view = cast("Gallery", _CoalescedSaves(self))
         self._fingerprint = model_fingerprint
         self._preprocessing = preprocessing
         self._image_roots = list(image_roots)

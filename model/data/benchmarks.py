@@ -164,7 +164,7 @@ def _cars_names(path: Path) -> dict[Hashable, str]:
     return {class_id: str(name) for class_id, name in enumerate(names, start=1)}
 
 
-def _cars_records(annotations: Path, path_field: str, image_dir: Path) -> list[Record]:
+def _cars_records(annotations: Path, path_field: str, image_dir: Path) -> list[tuple[Path, int]]:
     structs = _mat_structs(annotations, "annotations")
     paths = _mat_field(structs, path_field, annotations)
     classes = _mat_field(structs, "class", annotations)
@@ -189,7 +189,9 @@ def _cars(root: Path, split: str) -> tuple[list[Record], dict[Hashable, str]]:
         records = _cars_records(devkit / "cars_train_annos.mat", "fname", root / "cars_train")
         records += _cars_records(test_labels, "fname", root / "cars_test")
         names = _cars_names(devkit / "cars_meta.mat")
-    keep = [(p, c) for p, c in records if (c <= CARS_TRAIN_CLASSES) == (split == "train")]
+    keep: list[Record] = [
+        (p, c) for p, c in records if (c <= CARS_TRAIN_CLASSES) == (split == "train")
+    ]
     return keep, names
 
 
@@ -218,12 +220,12 @@ def _inshop(root: Path, split: str) -> tuple[list[Record], list[Record]]:
     # Images are listed as img/...; accept them under root or under the official Img/ folder.
     base = next((b for b in (root, root / "Img") if (b / rows[0][0]).is_file()), root)
     evaluation = {"query", "gallery"}
-    space = [
+    space: list[Record] = [
         (base / path, item)
         for path, item, status in rows
         if (status in evaluation) == (split in evaluation)
     ]
-    records = [(base / path, item) for path, item, status in rows if status == split]
+    records: list[Record] = [(base / path, item) for path, item, status in rows if status == split]
     return records, space
 
 

@@ -219,5 +219,5 @@ def collage_masks(
     every = torch.zeros(map_size, dtype=torch.bool)
     for cell in range(grid * grid):
         every |= mask(divmod(cell, grid))
-    target = torch.stack([mask(tuple(cell)) for cell in dataset.target_cells])
+    target = torch.stack([mask(cell) for cell in dataset.target_cells])
     return target, every.expand_as(target)

@@ -12,8 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils.data import Dataset
-
+from model.data.base import LabeledImageDataset
 from model.data.benchmarks import load_benchmark
 from model.data.cifar import ensure_cifar10
 from model.data.collage import CollageDataset
@@ -46,7 +45,9 @@ def default_split(spec: dict[str, Any], training: bool) -> list[str]:
     return ["query", "gallery"] if kind == "inshop" else ["test"]
 
 
-def open_dataset(spec: dict[str, Any], split: str, transform: Callable | None) -> Dataset:
+def open_dataset(
+    spec: dict[str, Any], split: str, transform: Callable | None
+) -> LabeledImageDataset:
     """The data set a spec names, for one split, with ``transform`` applied to each image."""
     kind = data_kind(spec)
     if kind == "folder":
@@ -68,7 +69,7 @@ def open_dataset(spec: dict[str, Any], split: str, transform: Callable | None) -
 
 
 def dataset_identity(
-    spec: dict[str, Any], split: str, dataset: Dataset | None = None
+    spec: dict[str, Any], split: str, dataset: LabeledImageDataset | None = None
 ) -> dict[str, Any]:
     """What identifies a split's content (for cache keys): the spec, the split, the files.
 

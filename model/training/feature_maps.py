@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from model.data import dataset_identity, default_split, open_dataset
+from model.data import LabeledImageDataset, dataset_identity, default_split, open_dataset
 from model.feature_cache import (
     FeatureMapSet,
     cached_feature_maps,
@@ -40,7 +40,7 @@ def split_feature_maps(
     spec: dict[str, Any],
     split: str,
     ctx: DistributedContext,
-) -> tuple[FeatureMapSet, Dataset]:
+) -> tuple[FeatureMapSet, LabeledImageDataset]:
     """The frozen backbone's feature maps of one split (eval transform), via the disk cache,
     and the split opened as a data set (labels, classes, collage bookkeeping)."""
     net.backbone.eval()  # batch-norm statistics must neither change nor come from the batch

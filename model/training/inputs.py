@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from model.data import MPerClassBatchSampler, default_split, open_dataset
+from model.data import CollageDataset, MPerClassBatchSampler, default_split, open_dataset
 from model.evaluate import EvalInputs
 from model.feature_cache import FeatureMapSet
 from model.net import EmbeddingNet
@@ -36,6 +36,7 @@ def train_source(config: TrainingConfig, net: EmbeddingNet, ctx: DistributedCont
     """The training split of ``data.train``: augmented images, or the frozen backbone's maps."""
     spec = config.data.train
     (split,) = default_split(spec, training=True)
+    items: Dataset
     if config.frozen_backbone:
         items, images = split_feature_maps(config, net, spec, split, ctx)
     else:
@@ -99,7 +100,7 @@ def build_eval_inputs(
     if config.frozen_backbone:
         pairs = [split_feature_maps(config, net, spec, split, ctx) for split in splits]
         sets: list[Dataset] = [maps for maps, _ in pairs]
-        query = pairs[0][1]
+        query: Dataset = pairs[0][1]
         forward: Callable[[Tensor], Any] = net.pool
     else:
         sets = [open_dataset(spec, split, eval_transform(preprocessing)) for split in splits]
@@ -109,7 +110,7 @@ def build_eval_inputs(
         forward,
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
-        collage=query if hasattr(query, "target_cells") else None,
+        collage=query if isinstance(query, CollageDataset) else None,
         crop_fraction=preprocessing.crop_fraction,
         num_workers=0 if config.frozen_backbone else config.data.num_workers,
     )

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from model.data import MPerClassBatchSampler
 from model.evaluate import score
 from model.net import EmbeddingNet, build_embedding_net
 from model.training.checkpoints import RunDirectory
@@ -123,7 +124,7 @@ def _train_epoch(
     """``steps`` optimiser steps; returns the epoch's metrics record (loss, speed, rates)."""
     optimizer = parts.optimizer
     _set_training(parts.net, config.frozen_backbone)
-    if hasattr(loader.batch_sampler, "set_epoch"):
+    if isinstance(loader.batch_sampler, MPerClassBatchSampler):
         loader.batch_sampler.set_epoch(epoch)
     losses, images, began = [], 0, time.perf_counter()
     bar = tqdm(
