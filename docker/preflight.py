@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from index.images import IMAGE_EXTENSIONS, find_images
+from index.images import find_images
+from model.image_files import IMAGE_EXTENSIONS
 
 CHECKPOINT_FILE = "config.json"
 GALLERY_POINTER = "current"
