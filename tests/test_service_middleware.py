@@ -10,8 +10,10 @@ import json
 import pytest
 
 from app.service.bodies import MEMORY_BYTES
+from app.service.dependencies import client_identity
 from app.service.metrics import ServiceMetrics
 from app.service.middleware import Admission, ClientLimit
+from app.service.settings import Settings
 
 
 class HeldApp:
@@ -208,3 +210,25 @@ def test_the_limits_must_admit_a_request(middleware) -> None:
     )
     with pytest.raises(ValueError, match="at least 1"):
         middleware(HeldApp(), limit=0, **options)
+
+
+def test_clients_are_named_by_a_valid_key_else_by_address(tmp_path) -> None:
+    settings = Settings(
+        _env_file=None,
+        checkpoint=tmp_path,
+        gallery=tmp_path,
+        api_keys=["write-1"],
+        read_keys=["read-1", "read-2"],
+    )
+    identify = client_identity(settings)
+
+    def named(headers: list[tuple[bytes, bytes]], address: str = "10.0.0.1") -> str:
+        return identify({"type": "http", "headers": headers, "client": (address, 1)})
+
+    by_key = {named([(b"x-api-key", key)]) for key in (b"write-1", b"read-1", b"read-2")} | {
+        named([(b"cookie", b"gsp_key=read-1")], "10.0.0.2")
+    }
+    assert len(by_key) == 3  # one name per key, the cookie's the same as the header's
+    assert named([(b"x-api-key", b"read-1")]) == named([(b"x-api-key", b"read-1")], "10.0.0.9")
+    # an invalid key is no identity: clients cannot dodge their limit by inventing keys
+    assert named([(b"x-api-key", b"made-up")]) == named([]) != named([], "10.0.0.2")

@@ -210,11 +210,12 @@ def test_stalled_clients_hold_no_slot_and_are_cut(service_assets: ServiceAssets)
 
 
 @pytest.mark.slow
-def test_oversized_bodies_and_headers_are_refused_while_they_stream(
+def test_oversized_requests_and_the_per_client_limit_behind_a_proxy(
     service_assets: ServiceAssets,
 ) -> None:
     big = 16 * 1024 * 1024
-    with running_server(service_assets, **ADMISSION_ENV) as (url, _):
+    proxied = {"GSP_TRUSTED_PROXIES": "127.0.0.1", "GSP_MAX_IN_FLIGHT_PER_CLIENT": "1"}
+    with running_server(service_assets, **ADMISSION_ENV, **proxied) as (url, _):
         chunk = b"x" * 65536
         chunked = connect(url)
         chunked.sendall(
@@ -240,3 +241,25 @@ def test_oversized_bodies_and_headers_are_refused_while_they_stream(
             sock.close()
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert gauge(url, "gsp_http_requests_reading_body") == 0
+        # Behind a trusted proxy each X-Forwarded-For client has its own limit; a stalled
+        # upload counts against its client's (and nobody else's) until it goes.
+        stalled = connect(url)
+        stalled.sendall(
+            b"POST /v1/search HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 203.0.113.7\r\n"
+            b"Content-Length: 1000\r\n\r\n--b"
+        )
+
+        def by_id(client: str, **headers: str) -> int:
+            forwarded = {"X-Forwarded-For": client, **headers}
+            return httpx.post(f"{url}/v1/search/by-id/0", headers=forwarded).status_code
+
+        deadline = time.monotonic() + SOCKET_PATIENCE_S
+        while by_id("203.0.113.7") != 429:
+            assert time.monotonic() < deadline, "the stalled upload never counted"
+            time.sleep(0.05)
+        assert by_id("203.0.113.8") != 429
+        assert by_id("203.0.113.7", **{"X-API-Key": API_KEY}) != 429  # a key is its own client
+        stalled.close()
+        while by_id("203.0.113.7") == 429:  # the client's slot is freed when it leaves
+            assert time.monotonic() < deadline, "a closed upload kept its client's slot"
+            time.sleep(0.05)
