@@ -6,77 +6,24 @@ Also checks that SIGHUP swaps in a rebuilt gallery while requests keep succeedin
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
 import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
 from tests.test_service_support import (
     API_KEY,
     ServiceAssets,
     drawn_image,
     png_bytes,
     point_gallery_link,
+    running_server,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_SECONDS = 90
-
-
-@contextlib.contextmanager
-def running_server(
-    service_assets: ServiceAssets, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``gsp serve`` on a free loopback port, with these ``GSP_*`` settings beside the keys."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "GSP_API_KEYS": API_KEY,
-        "GSP_IMAGE_ROOTS": str(service_assets.images),
-        **env,
-    }
-    command = [
-        sys.executable, "-m", "app.cli", "serve",
-        "--checkpoint", str(service_assets.checkpoint),
-        "--gallery", str(service_assets.gallery_link),
-        "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"gsp serve exited early with status {process.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            pytest.fail(f"gsp serve was not ready within {STARTUP_SECONDS} s")
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 @pytest.fixture
