@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = (
         Field(
             default_factory=list,
-            description="addresses or networks of reverse proxies whose X-Forwarded-For names "
-            "the client; from any other peer the header is ignored",
+            description="addresses or networks of reverse proxies whose X-Forwarded-For and "
+            "X-Forwarded-Proto name the client and scheme; from any other peer they are ignored",
         )
     )
     max_header_bytes: int = Field(
