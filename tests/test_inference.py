@@ -131,12 +131,14 @@ def test_jpegs_decoded_as_tensors_agree_with_the_pillow_path(tmp_path: Path) -> 
     assert agree.min() >= 0.999, agree
 
 
-def test_a_jpeg_the_tensor_decoder_refuses_is_none(tmp_path: Path) -> None:
+def test_a_jpeg_the_tensor_decoder_refuses_is_none_and_the_rest_still_decode() -> None:
     _, preprocessing = tiny_net()
     good = photo_like(0, (160, 120))
-    decoded = decode_jpegs([good, good[: len(good) // 3] + b"\xff\xd9"], preprocessing, CPU)
-    assert decoded[0] is not None
-    assert len(decoded) == 2
+    garbage = b"\xff\xd8\xff" + bytes(200)
+    decoded = decode_jpegs([good, garbage, good[: len(good) // 3], good], preprocessing, CPU)
+    assert [image is None for image in decoded] == [False, True, True, False]
+    first, last = decoded[0], decoded[3]
+    assert first is not None and last is not None and torch.equal(first, last)
 
 
 def test_decoding_on_the_gpu_needs_cuda(tmp_path: Path, checkpoint: Path) -> None:
@@ -164,9 +166,7 @@ def indexed_and_served(
         tmp_path / "photos", checkpoint, tmp_path / "gallery", device=device, decode=decode,
         batch_size=4, workers=1, progress=False,
     )  # fmt: skip
-    engine = InferenceEngine(
-        checkpoint, torch.device(device), max_batch_size=4, max_wait_ms=0
-    )
+    engine = InferenceEngine(checkpoint, torch.device(device), max_batch_size=4, max_wait_ms=0)
     with Gallery.open(tmp_path / "gallery", read_only=True) as gallery:
         stored = []
         for path in paths:
@@ -227,7 +227,9 @@ def test_fp16_on_cuda_matches_fp32_on_a_real_gallery(cifar_archive: Path) -> Non
     net = build_embedding_net(config).eval()
     crop = eval_crop(config.preprocessing)
     side = config.preprocessing.resize_size
-    crops = [to_uint8_tensor(crop(decode_image(f, side))) for f in cifar_photos(cifar_archive, 1000)]
+    crops = [
+        to_uint8_tensor(crop(decode_image(f, side))) for f in cifar_photos(cifar_archive, 1000)
+    ]
     cuda = torch.device("cuda")
     runs = {}
     for precision in ("fp32", "fp16"):
