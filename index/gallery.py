@@ -363,7 +363,8 @@ class Gallery:
             carried = None if rewrite else current_snapshot(self.directory)
 
             def write(tmp: Path) -> None:
-                if carried is not None:
+                if ids is None:
+                    assert carried is not None
                     carry_files(carried, tmp, leave=frozenset({MANIFEST}))
                 else:
                     self._vectors.write(tmp / INDEX_FILE)
