@@ -101,8 +101,9 @@ def machine() -> str:
     )
 
 
-def decode_per_core(folder: Path, preprocessing: Any, repeats: int) -> float:
-    """Milliseconds of one loader worker's work per file on one thread (median of repeats)."""
+def decode_per_core(folder: Path, preprocessing: Any, repeats: int) -> tuple[float, float]:
+    """Milliseconds of one loader worker's work per file on one thread, as CPU time (what a
+    core spends, whatever else shares the machine) and wall time (median of repeats)."""
     import torch
 
     from index.build import _FileDataset
@@ -112,15 +113,16 @@ def decode_per_core(folder: Path, preprocessing: Any, repeats: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = []
+        cpu, wall = [], []
         for _ in range(repeats):
-            started = time.perf_counter()
+            started, clock = time.thread_time(), time.perf_counter()
             for position in range(len(dataset)):
                 assert dataset[position]["status"] == "ok"
-            times.append((time.perf_counter() - started) / len(dataset))
+            cpu.append((time.thread_time() - started) / len(dataset))
+            wall.append((time.perf_counter() - clock) / len(dataset))
     finally:
         torch.set_num_threads(threads)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
 
 
 def model_alone(embedder: Any, batch_size: int, batches: int) -> float:
@@ -264,6 +266,7 @@ def main() -> None:
     parser.add_argument("--workers", default="auto")
     parser.add_argument("--ray", action="store_true", help="also the Ray job (index.ray_job)")
     parser.add_argument("--repeats", type=int, default=3, help="decode timing repeats")
+    parser.add_argument("--model-images", type=int, default=256, help="images the model times")
     parser.add_argument("--max-items", type=int, default=1_000_000, help="write path's largest")
     parser.add_argument("--write-dim", type=int, default=512)
     parser.add_argument("--write-blocks", type=int, default=5, help="1k blocks timed per size")
@@ -322,21 +325,30 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
     if "decode" in sections:
         print("\n== decoding alone (read, sha256, decode, resize, crop; one thread)")
         for name, folder in folders.items():
-            decode_ms[name] = decode_per_core(folder, config.preprocessing, args.repeats)
-            print(f"{name}: {decode_ms[name]:.2f} ms per image per core", flush=True)
+            decode_ms[name], wall = decode_per_core(folder, config.preprocessing, args.repeats)
+            print(
+                f"{name}: {decode_ms[name]:.2f} ms CPU time per image per core "
+                f"({wall:.2f} ms wall)",
+                flush=True,
+            )
     net = build_embedding_net(config).eval()
     checkpoint = CACHE / f"ckpt-{args.backbone}-{args.image_size}"
     save_checkpoint(checkpoint, net, config)  # before the embedder moves it to the device
     embedder = Embedder(net, config.preprocessing, device, args.precision)
     precision = str(embedder.dtype).removeprefix("torch.")
-    model_rate = None
-    if "model" in sections:
-        model_rate = model_alone(embedder, args.batch_size, max(3, 256 // args.batch_size))
-        print(
-            f"\n== model alone: {args.backbone} GSP at {args.image_size}, {precision}, batch "
-            f"{args.batch_size}, {device}: {model_rate:.1f} images/s",
-            flush=True,
-        )
+    batches = max(3, args.model_images // args.batch_size)
+    model_rates: list[float] = []
+
+    def time_model() -> None:
+        if "model" in sections:
+            model_rates.append(model_alone(embedder, args.batch_size, batches))
+            print(
+                f"model alone: {args.backbone} GSP at {args.image_size}, {precision}, batch "
+                f"{args.batch_size}, {device}: {model_rates[-1]:.1f} images/s",
+                flush=True,
+            )
+
+    time_model()
     if "job" not in sections:
         return
     cores = usable_cpus()
@@ -347,33 +359,41 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
             print("Ray job: index.ray_job.build_gallery is not available in this checkout")
         else:
             jobs["ray"] = ray
-    print(f"\n== jobs ({precision}, batch {args.batch_size}, workers {args.workers})")
-    print("| files | job | decode | images/s | / model | / 1/(1/M + 1/D) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    table = [
+        f"\n== jobs ({precision}, batch {args.batch_size}, workers {args.workers})",
+        "| files | job | decode | images/s | / model M | / 1/(1/M + 1/D) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, folder in folders.items():
+        rates = {
+            (job, decode): run_job(
+                build,
+                folder,
+                checkpoint,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=str(device),
+                precision=args.precision,
+                decode=decode,
+            )
+            for job, build in jobs.items()
+            for decode in args.decode.split(",")
+        }
+        time_model()  # again after the jobs: the faster of the two is the ratios' M
+        model_rate = max(model_rates[-2:], default=None)
         bound = None
         if model_rate and name in decode_ms:
             decoders = cores * 1000 / decode_ms[name]
             bound = 1 / (1 / model_rate + 1 / decoders)
-        for job, build in jobs.items():
-            for decode in args.decode.split(","):
-                rate = run_job(
-                    build,
-                    folder,
-                    checkpoint,
-                    batch_size=args.batch_size,
-                    workers=args.workers,
-                    device=str(device),
-                    precision=args.precision,
-                    decode=decode,
-                )
-                of_model = f"{rate / model_rate:.3f}" if model_rate else "-"
-                of_bound = f"{rate / bound:.3f}" if bound else "-"
-                print(f"| {name} | {job} | {decode} | {rate:.1f} | {of_model} | {of_bound} |")
-    if model_rate and decode_ms:
+        for (job, decode), rate in rates.items():
+            of_model = f"{rate / model_rate:.3f}" if model_rate else "-"
+            of_bound = f"{rate / bound:.3f}" if bound else "-"
+            table.append(f"| {name} | {job} | {decode} | {rate:.1f} | {of_model} | {of_bound} |")
+    print("\n".join(table))
+    if model_rates and decode_ms:
         print(
-            f"M = {model_rate:.1f} images/s; D = {cores} cores x 1/decode time "
-            "(the decoders' rate on the same cores)"
+            f"M = the faster model run before or after each folder's jobs; D = {cores} cores "
+            "x 1/(decode CPU time): the decoders' rate on the same cores"
         )
 
 
