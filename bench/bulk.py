@@ -20,7 +20,8 @@ Printed, in one run and one process:
   when that module exists, on the same folder;
 - the write path per 1,000 items at 1k, 10k, 100k and 1M items (``--max-items`` caps it):
   synthetic unit vectors into a ``flat`` gallery (index type fixed), ``Gallery.add`` of 1,000
-  items then ``Gallery.save`` (median over blocks of saves that carried the index by hard link),
+  items then ``Gallery.save`` (median over blocks of saves that carried the index by hard link;
+  each block's items are removed again, untimed, so every block meets a gallery of that size),
   plus the save that rewrites the index (timed at that size) once per ``REWRITE_SHARE`` of the
   gallery's items, or per 1,000 where that is fewer, amortised per 1,000 items.
 """
@@ -228,15 +229,18 @@ def write_path(sizes: list[int], dim: int, blocks: int) -> list[dict[str, float]
                 vectors = unit_vectors(first, 1000, dim)
                 written = (current_snapshot(directory) / INDEX_FILE).stat().st_ino
                 started = time.perf_counter()
-                gallery.add(vectors, grids, items)
+                result = gallery.add(vectors, grids, items)
                 add_s = time.perf_counter() - started
                 started = time.perf_counter()
                 gallery.save()
                 save_s = time.perf_counter() - started
+                carried = (current_snapshot(directory) / INDEX_FILE).stat().st_ino == written
+                gallery.remove(result.ids)  # untimed: every block meets a gallery of ``size``
+                gallery.save()
                 if block == 0:
                     continue
                 adds.append(add_s)
-                if (current_snapshot(directory) / INDEX_FILE).stat().st_ino == written:
+                if carried:
                     carried_saves.append(save_s)
             count = len(gallery)
             gallery.close()
