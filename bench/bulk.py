@@ -303,7 +303,8 @@ def main() -> None:
             f"\n== write path, flat index, {args.write_dim}-d, {args.write_blocks} blocks per size"
         )
         print(
-            "| items | add 1k (ms) | save (ms) | full index write (ms) | amortised (ms) | per 1k |"
+            "| items | add 1k (ms) | save, index carried (ms) | save, index rewritten (ms) "
+            "| rewrite per 1k (ms) | per 1k (ms) |"
         )
         print("| --- | --- | --- | --- | --- | --- |")
         rows = write_path(sizes, args.write_dim, args.write_blocks)
