@@ -16,6 +16,9 @@ Printed, in one run and one process:
 - the model alone at the job's precision, from uint8 batches in host memory;
 - the in-process job (``index.build.build_gallery``) per decoder, and its ratio to the model
   and to ``1/(1/M + 1/D)``, the rate of model and decoders sharing the same cores perfectly;
+  and, since wall-clock rates on a shared machine follow everyone else's load, the job's CPU
+  time per image (its process and its workers) against the model's plus the decoder's: the
+  pipeline's overhead in work, whatever the load;
 - the Ray job (``--ray``): ``index.ray_job.build_gallery`` with ``build_gallery``'s arguments,
   when that module exists, on the same folder;
 - the write path per 1,000 items at 1k, 10k, 100k and 1M items (``--max-items`` caps it):
@@ -33,6 +36,7 @@ import hashlib
 import io
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -131,8 +135,15 @@ def decode_per_core(folder: Path, preprocessing: Any, repeats: int) -> tuple[flo
     return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
 
 
-def model_alone(embedder: Any, batch_size: int, batches: int) -> float:
-    """Images/s of the model from uint8 host batches to float32 host embeddings."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the loader's worker processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def model_alone(embedder: Any, batch_size: int, batches: int) -> tuple[float, float]:
+    """Images/s of the model from uint8 host batches to float32 host embeddings, and its CPU
+    milliseconds per image."""
     import torch
 
     size = embedder.preprocessing.image_size
@@ -140,19 +151,24 @@ def model_alone(embedder: Any, batch_size: int, batches: int) -> float:
     if embedder.device.type == "cuda":
         batch = batch.pin_memory()
     embedder(batch).embedding.cpu()  # warm-up: kernels, cuDNN plans
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         embedder(batch).embedding.cpu()
-    return batch_size * batches / (time.perf_counter() - started)
+    images = batch_size * batches
+    return images / (time.perf_counter() - started), 1000 * (cpu_seconds() - cpu) / images
 
 
-def run_job(build: Callable[..., Any], folder: Path, checkpoint: Path, **options: Any) -> float:
-    """Images/s of one job over ``folder`` into a fresh gallery."""
+def run_job(
+    build: Callable[..., Any], folder: Path, checkpoint: Path, **options: Any
+) -> tuple[float, float]:
+    """Images/s of one job over ``folder`` into a fresh gallery, and the CPU milliseconds per
+    image it spent in this process and its workers (the whole call: load, embed, save)."""
+    cpu = cpu_seconds()
     with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
         report = build(folder, checkpoint, Path(scratch) / "gallery", progress=False, **options)
     if report.failed or report.indexed != report.total_files:
         raise SystemExit(f"the job did not index every file: {report.summary()}")
-    return float(report.images_per_s)
+    return float(report.images_per_s), 1000 * (cpu_seconds() - cpu) / report.indexed
 
 
 def ray_build() -> Callable[..., Any] | None:
@@ -361,13 +377,16 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
     precision = str(embedder.dtype).removeprefix("torch.")
     batches = max(3, args.model_images // args.batch_size)
     model_rates: list[float] = []
+    model_cpu: list[float] = []
 
     def time_model() -> None:
         if "model" in sections:
-            model_rates.append(model_alone(embedder, args.batch_size, batches))
+            rate, cpu_ms = model_alone(embedder, args.batch_size, batches)
+            model_rates.append(rate)
+            model_cpu.append(cpu_ms)
             print(
                 f"model alone: {args.backbone} GSP at {args.image_size}, {precision}, batch "
-                f"{args.batch_size}, {device}: {model_rates[-1]:.1f} images/s",
+                f"{args.batch_size}, {device}: {rate:.1f} images/s, {cpu_ms:.1f} CPU ms per image",
                 flush=True,
             )
 
@@ -384,8 +403,9 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
             jobs["ray"] = ray
     table = [
         f"\n== jobs ({precision}, batch {args.batch_size}, workers {args.workers})",
-        "| files | job | decode | images/s | / model M | / 1/(1/M + 1/D) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| files | job | decode | images/s | / model M | / 1/(1/M + 1/D) | CPU ms per image "
+        "| / (model + decode CPU ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, folder in folders.items():
         rates = {
@@ -409,12 +429,15 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
         if model_rate and name in decode_ms:
             decoders = cores * 1000 / decode_ms[name]
             bound = 1 / (1 / model_rate + 1 / decoders)
-        for (job, decode, run), rate in rates.items():
+        parts_cpu = min(model_cpu[-2:]) + decode_ms[name] if model_cpu and decode_ms else None
+        for (job, decode, run), (rate, cpu_ms) in rates.items():
             decode_run = decode if args.job_runs == 1 else f"{decode}, run {run}"
             of_model = f"{rate / model_rate:.3f}" if model_rate else "-"
             of_bound = f"{rate / bound:.3f}" if bound else "-"
+            of_parts = f"{cpu_ms / parts_cpu:.3f}" if parts_cpu else "-"
             table.append(
-                f"| {name} | {job} | {decode_run} | {rate:.1f} | {of_model} | {of_bound} |"
+                f"| {name} | {job} | {decode_run} | {rate:.1f} | {of_model} | {of_bound} "
+                f"| {cpu_ms:.1f} | {of_parts} |"
             )
     print("\n".join(table))
     if model_rates and decode_ms:
