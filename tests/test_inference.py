@@ -18,7 +18,7 @@ from index.gallery import Gallery
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, Preprocessing
 from model.inference import Embedder, decode_jpegs, resolve_precision, stack_crops
-from model.net import build_embedding_net
+from model.net import EmbeddingNet, build_embedding_net
 from model.transforms import eval_crop, eval_transform, to_uint8_tensor
 
 CPU = torch.device("cpu")
@@ -34,23 +34,20 @@ def write_photos(folder: Path, count: int, size: tuple[int, int] = (800, 600)) -
     return paths
 
 
-def tiny_net() -> tuple[torch.nn.Module, Preprocessing]:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        backbone="resnet18",
-        pretrained=False,
-        embedding_dim=32,
-        preprocessing=Preprocessing(image_size=64, resize_size=72),
-    )
-    return build_embedding_net(config).eval(), config.preprocessing
+def tiny_net(checkpoint: Path) -> tuple[EmbeddingNet, Preprocessing]:
+    """A fresh copy of the indexing tests' tiny model and its preprocessing."""
+    loaded = load_checkpoint(checkpoint)
+    return loaded.net.eval(), loaded.config.preprocessing
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_the_embedders_input_is_the_reference_transforms_bit_for_bit(tmp_path: Path) -> None:
-    net, preprocessing = tiny_net()
+def test_the_embedders_input_is_the_reference_transforms_bit_for_bit(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    net, preprocessing = tiny_net(checkpoint)
     embedder = Embedder(net, preprocessing, CPU, "fp32")
     images = [Image.open(path).convert("RGB") for path in write_photos(tmp_path, 3)]
     crop = eval_crop(preprocessing)
@@ -69,8 +66,10 @@ def test_precision_names() -> None:
         resolve_precision("half", CPU)
 
 
-def test_bf16_autocast_runs_the_backbone_in_bf16_and_returns_float32(tmp_path: Path) -> None:
-    net, preprocessing = tiny_net()
+def test_bf16_autocast_runs_the_backbone_in_bf16_and_returns_float32(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    net, preprocessing = tiny_net(checkpoint)
     seen: list[torch.dtype] = []
     net.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     crop = eval_crop(preprocessing)
@@ -111,12 +110,14 @@ def test_a_loader_batch_holds_one_tensor_so_it_is_pinned_once(
     assert len(batch["ok"]) == 5 and len(batch["failed"]) == 1
 
 
-def test_jpegs_decoded_as_tensors_agree_with_the_pillow_path(tmp_path: Path) -> None:
+def test_jpegs_decoded_as_tensors_agree_with_the_pillow_path(
+    tmp_path: Path, checkpoint: Path
+) -> None:
     """The GPU decoder's code (nvJPEG there; libjpeg here, same resize and crop) against the
     workers' reduced-scale Pillow decode: the pixels differ a little, the embeddings not."""
     from index.images import decode_image
 
-    net, preprocessing = tiny_net()
+    net, preprocessing = tiny_net(checkpoint)
     embedder = Embedder(net, preprocessing, CPU, "fp32")
     files = [path.read_bytes() for path in write_photos(tmp_path, 6)]
     files += [photo_like(9, (4000, 3000))]
@@ -131,8 +132,10 @@ def test_jpegs_decoded_as_tensors_agree_with_the_pillow_path(tmp_path: Path) -> 
     assert agree.min() >= 0.999, agree
 
 
-def test_a_jpeg_the_tensor_decoder_refuses_is_none_and_the_rest_still_decode() -> None:
-    _, preprocessing = tiny_net()
+def test_a_jpeg_the_tensor_decoder_refuses_is_none_and_the_rest_still_decode(
+    checkpoint: Path,
+) -> None:
+    _, preprocessing = tiny_net(checkpoint)
     good = photo_like(0, (160, 120))
     garbage = b"\xff\xd8\xff" + bytes(200)
     decoded = decode_jpegs([good, garbage, good[: len(good) // 3], good], preprocessing, CPU)
