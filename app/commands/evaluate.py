@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_checkpoint, format_table
-    from model.hardware import DeviceError, resolve_device
+    from model.hardware import DeviceError, resolve_device, resolve_workers
 
     spec = parse_data_spec(args.data)
     try:
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     except DeviceError as error:
         print(f"gsp eval: {error}", file=sys.stderr)
         return 2
-    metrics = evaluate_checkpoint(args.checkpoint, spec, args.batch_size, device, args.workers)
+    workers = resolve_workers(args.workers, accelerator=device.startswith("cuda"))
+    metrics = evaluate_checkpoint(args.checkpoint, spec, args.batch_size, device, workers)
     print(format_table(metrics))
     if args.out:
         out = Path(args.out)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.commands.options import add_device_option, add_gallery_option, add_workers_option
+from model.hardware import DECODERS, PRECISIONS
 
 TILE = 160
 CAPTION = 28
@@ -108,6 +109,20 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_option(parser)
     add_device_option(parser)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the network's arithmetic: auto is fp16 (autocast) on CUDA and fp32 on the CPU; "
+        "fp32 everywhere for bit-stable embeddings (default: auto)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="cpu",
+        help="where JPEGs decode: cpu (worker processes) or gpu (nvJPEG, in batches; needs "
+        "CUDA; other formats still decode on the CPU) (default: cpu)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -128,6 +143,8 @@ def _build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
+            precision=args.precision,
+            decode=args.decode,
             index_type=args.index_type,
             report_path=args.report,
             labels_from_subfolders=args.labels_from_subfolders,
@@ -163,6 +180,8 @@ def _add(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 device=args.device,
+                precision=args.precision,
+                decode=args.decode,
                 failures_path=args.gallery / FAILURES_FILE,
                 progress=not args.no_progress,
             )

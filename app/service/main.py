@@ -87,6 +87,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         device,
         max_batch_size=settings.effective_batch_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        precision=settings.precision,
         on_batch=metrics.observe_batch,
     )
     store = GalleryStore(

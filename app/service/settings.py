@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.hardware import DEVICE_NAMES, check_device_name, usable_cpus
+from model.hardware import DEVICE_NAMES, Precision, check_device_name, usable_cpus
 from model.runtime import Kernel, RuntimeOptions
 
 __all__ = ["Settings"]
@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         "same directory in place (then SIGHUP or reload-gallery to pick it up)",
     )
     device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
+    precision: Precision = Field(
+        default="auto",
+        description="the network's arithmetic, as `gsp index build --precision`: auto is fp16 "
+        "autocast on CUDA and fp32 on the CPU, so uploads embed as the indexer embedded files",
+    )
     kernel: Kernel = Field(
         default=_RUNTIME_DEFAULTS.kernel,
         description="how the GSP layer runs on CUDA: 'compiled' (torch.compile'd parts) or "
