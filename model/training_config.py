@@ -30,15 +30,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What to train and validate on.
+    """What to train on, select on and report on.
 
-    ``train`` and ``eval`` are data specs (one key among folder/csv/cub/cars/sop/inshop/collage,
-    see ``model.data``); ``eval`` may be omitted to skip validation.  Batches hold
-    ``batch_size`` images, ``m_per_class`` of each class.
+    ``train`` and ``test`` are data specs (one key among folder/csv/cub/cars/sop/inshop/collage,
+    see ``model.data``).  ``val`` is the validation split that picks ``best/`` and stops early:
+    carved from the training split (``{holdout: classes|instances, fraction: 0.2, seed: 0}``,
+    see ``model.data.holdout``) or a spec of its own (collages: ``split: val``); it must share
+    no image with ``test``.  ``test`` is scored once, after training, on ``best/``.  Either may
+    be omitted.  Batches hold ``batch_size`` images, ``m_per_class`` of each class, so a batch
+    needs ``batch_size / m_per_class`` training classes.
     """
 
     train: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] | None = None
+    val: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
     batch_size: int = 128
     m_per_class: int = 4
     num_workers: int = 4
@@ -71,11 +76,16 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio``."""
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio``.
+
+    ``patience`` N > 0 stops training after N validations without a better validation MAP@R
+    (0: train all ``epochs``).
+    """
 
     epochs: int = 50
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,8 @@ class TrainingConfig:
                 f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                 f"data.m_per_class ({self.data.m_per_class})"
             )
+        if self.schedule.patience < 0:
+            raise ValueError(f"schedule.patience must be >= 0, got {self.schedule.patience}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
         if not self.data.train:
@@ -134,6 +146,12 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
         values = _checked(cls, data, "")
+        if isinstance(values.get("data"), dict) and "eval" in values["data"]:
+            raise ValueError(
+                "data.eval is no longer read: name data.val (validation carved from training "
+                "data, e.g. {holdout: classes, fraction: 0.2}; it picks best/) and data.test "
+                "(scored once on best/ after training)"
+            )
         sections = {
             "data": DataConfig,
             "loss": LossConfig,
@@ -161,8 +179,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML (typed).
 
     ``data.KIND=ROOT`` (KIND a data reader: ``cub``, ``folder``, ``collage``, ...) points every
-    data spec of the config that reads KIND (``data.train``, ``data.eval``) at ROOT, keeping
-    their other options: the one override a user needs to say where a data set lives.
+    data spec of the config that reads KIND (``data.train``, ``data.val``, ``data.test``) at
+    ROOT, keeping their other options: the one override a user needs to say where a data set
+    lives.
     """
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for override in overrides:
@@ -196,12 +215,12 @@ def _is_data_root(key: str) -> bool:
 
 def _set_data_root(config: dict[str, Any], kind: str, root: Any) -> None:
     data = config.get("data") or {}
-    specs = [data[name] for name in ("train", "eval") if isinstance(data.get(name), dict)]
+    specs = [data[name] for name in ("train", "val", "test") if isinstance(data.get(name), dict)]
     reading = [spec for spec in specs if kind in spec]
     if not reading:
         raise ValueError(
             f"data.{kind}=...: no data spec of this config reads {kind}; to change data sets, "
-            f"set whole specs, e.g. 'data.train={{{kind}: ROOT}}' 'data.eval={{{kind}: ROOT}}'"
+            f"set whole specs, e.g. 'data.train={{{kind}: ROOT}}' 'data.test={{{kind}: ROOT}}'"
         )
     for spec in reading:
         spec[kind] = root

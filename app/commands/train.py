@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last epoch in output_dir"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar (training, feature caching, embedding)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -34,5 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if result.history:
         print(json.dumps({"output_dir": str(result.output_dir), "last": result.history[-1]}))
         if result.best_epoch is not None:
-            print(f"best epoch {result.best_epoch}: {result.output_dir / 'best'}")
+            best = result.output_dir / "best"
+            print(f"best epoch {result.best_epoch} (chosen on val MAP@R): {best}")
+    if result.test is not None:
+        print(f"test (scored once, on {result.test['checkpoint']}/): {json.dumps(result.test)}")
     return 0
