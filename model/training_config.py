@@ -8,6 +8,7 @@ are errors, so a typo in a config or an override never goes silently unused.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,4 +244,27 @@ def load_training_config(path: str | Path, overrides: Sequence[str] = ()) -> Tra
     if not path.is_file():
         raise FileNotFoundError(f"training config not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
-    return TrainingConfig.from_dict(apply_overrides(data, overrides))
+    merged = apply_overrides(data, overrides)
+    _drop_other_pooling_options(data, merged, overrides)
+    return TrainingConfig.from_dict(merged)
+
+
+def _drop_other_pooling_options(
+    original: dict[str, Any], merged: dict[str, Any], overrides: Sequence[str]
+) -> None:
+    """``model.pooling=gap`` on a GSP config: the file's ``pooling_options`` belong to the
+    pooling it named, not to the one chosen now, so they are dropped (with a note) unless the
+    overrides set options too."""
+    before = (original.get("model") or {}).get("pooling")
+    model = merged.get("model")
+    if not isinstance(model, dict) or model.get("pooling") == before:
+        return
+    if any(item.startswith("model.pooling_options") for item in overrides):
+        return
+    dropped = model.pop("pooling_options", None)
+    if dropped:
+        print(
+            f"note: model.pooling={model.get('pooling')} replaces the config's {before}; its "
+            f"pooling_options {dropped} are dropped (set model.pooling_options to give new ones)",
+            file=sys.stderr,
+        )

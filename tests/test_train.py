@@ -28,7 +28,7 @@ def _folder(root: Path, classes: int = 4, per_class: int = 6, first: int = 0) ->
     for label in range(first, first + classes):
         (root / f"c{label}").mkdir(parents=True)
         for index in range(per_class):
-            base = np.full((24, 24, 3), 30 * label, dtype=np.uint8)
+            base = np.full((24, 24, 3), 20 * label, dtype=np.uint8)
             noise = rng.integers(0, 40, size=base.shape, dtype=np.uint8)
             Image.fromarray(base + noise).save(root / f"c{label}" / f"{index}.png")
     return root

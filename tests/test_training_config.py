@@ -46,3 +46,24 @@ def test_a_data_root_override_for_data_the_config_does_not_read_is_refused() -> 
     # Data-section fields are still plain keys.
     config = load_training_config(CONFIGS / "cub_resnet50_gsp.yaml", ["data.batch_size=8"])
     assert config.data.batch_size == 8
+
+
+def test_switching_pooling_drops_the_other_poolings_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from model.net import build_embedding_net
+
+    config = load_training_config(
+        CONFIGS / "collage_gsp.yaml", ["model.pooling=gap", "model.pretrained=false"]
+    )
+    assert (config.model.pooling, config.model.pooling_options) == ("gap", {})
+    note = capsys.readouterr().err
+    assert "model.pooling=gap replaces the config's gsp" in note and "entropy_weight" in note
+    build_embedding_net(config.model)  # no "unexpected keyword 'entropy_weight'"
+    given = load_training_config(
+        CONFIGS / "collage_gap.yaml",
+        ["model.pooling=gem", "model.pooling_options={power: 4.0}"],
+    )
+    assert given.model.pooling_options == {"power": 4.0}
+    kept = load_training_config(CONFIGS / "collage_gsp.yaml", ["model.embedding_dim=64"])
+    assert kept.model.pooling_options["entropy_weight"] == 30.0

@@ -136,8 +136,8 @@ def check_disjoint(parts: Mapping[str, Sequence[LabeledImageDataset]]) -> None:
                 example = sorted(shared)[0]
                 raise ValueError(
                     f"data.{name} and data.{other} share {len(shared)} image(s), e.g. {example}: "
-                    f"a {name} split must not contain {other} images (choose data.val from "
-                    "training data, e.g. {holdout: classes, fraction: 0.2})"
+                    "the test split must be unseen by training and selection, and data.val "
+                    "is carved from training data (e.g. {holdout: classes, fraction: 0.2})"
                 )
 
 
