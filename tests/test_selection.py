@@ -182,3 +182,18 @@ def test_best_is_the_epoch_with_the_best_validation_score_and_test_is_scored_onc
     # the recorded test score is the chosen epoch's, not the best test score
     assert tested["metrics"]["map_at_r"] == pytest.approx(test_maps[result.best_epoch - 1])
     assert tested["metrics"]["map_at_r"] < max(test_maps)
+
+
+def test_patience_stops_after_validations_without_a_better_score(tmp_path: Path) -> None:
+    raw = _raw_config(tmp_path)
+    overrides = ["schedule.epochs=6", "schedule.patience=1", "frozen_backbone=true"]
+    overrides += ["prototype_init=random", "optimizer.lr_pooling=0.01"]
+    config = TrainingConfig.from_dict(apply_overrides(raw, overrides))
+    result = train(config, show_progress=False)
+    epochs = [record["epoch"] for record in result.history]
+    val = [record["val"]["map_at_r"] for record in result.history]
+    best = result.best_epoch
+    assert best is not None and val[best - 1] == max(val)
+    assert epochs == list(range(1, best + 2))  # one validation without progress, then stop
+    assert epochs[-1] < 6
+    assert json.loads((Path(config.output_dir) / "test_metrics.json").read_text())["epoch"] == best
