@@ -75,4 +75,3 @@ def test_every_config_key_is_documented_with_its_default() -> None:
     assert set(documented) == set(SECTIONS)
     for section, cls in SECTIONS.items():
         assert documented[section] == _defaults(cls), f"docs/config.md section {section}"
-
