@@ -176,3 +176,16 @@ def test_contact_sheet_captions_tell_close_scores_and_labels_apart() -> None:
     assert close == ["#1  0.9971  cat", "#2  0.9975  cat"]
     assert match_caption(3, 0.5, None) == "#3  0.5000  (no label)"
     assert match_caption(4, 0.5, "a-very-long-class-name") == "#4  0.5000  a-very-long-.."
+
+
+def test_no_progress_leaves_stderr_free_of_bars(
+    tmp_path: Path, checkpoint: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    write_images(images, range(3))
+    build = ["index", "build", "--images", str(images), "--gallery", str(tmp_path / "g")]
+    build += ["--checkpoint", str(checkpoint), "--workers", "0"]
+    assert main([*build, "--no-progress"]) == 0
+    assert "indexing" not in capfd.readouterr().err
+    assert main([*build, "--gallery", str(tmp_path / "again")]) == 0
+    assert "indexing" in capfd.readouterr().err  # the bar the flag turns off

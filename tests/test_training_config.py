@@ -20,7 +20,7 @@ def test_a_data_root_override_points_train_val_and_test_data_at_the_root() -> No
     assert config.data.train["per_class"] != config.data.test["per_class"]
 
 
-def test_a_data_root_override_without_eval_data_sets_the_training_root(tmp_path: Path) -> None:
+def test_a_data_root_override_without_val_or_test_sets_the_training_root(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("data: {train: {folder: a}}\n")
     config = load_training_config(path, ["data.folder=/photos"])
