@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from app.cli import main
 from model.data import carve_specs, check_disjoint, default_split, open_dataset
 from model.training import train
 from model.training.inputs import check_data, selection_specs
@@ -143,7 +145,7 @@ def test_the_collage_configs_val_shares_no_target_photo_with_train_or_test(
 
 
 def test_batches_the_training_classes_cannot_fill_fail_before_any_feature_is_cached(
-    tmp_path: Path,
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     raw = _raw_config(tmp_path)
     raw["frozen_backbone"] = True
@@ -151,6 +153,12 @@ def test_batches_the_training_classes_cannot_fill_fail_before_any_feature_is_cac
     with pytest.raises(ValueError, match=r"needs 5 classes per batch, but the training split"):
         train(TrainingConfig.from_dict(raw), show_progress=False)
     assert not (tmp_path / "cache").exists()
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    err = capfd.readouterr().err
+    assert "gsp train: data.batch_size 10 with data.m_per_class 2 needs 5 classes" in err
+    assert "Traceback" not in err and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow

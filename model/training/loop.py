@@ -158,7 +158,7 @@ def _test_once(
         "data": test_spec,
         "checkpoint": source.name,
         "epoch": best if best is not None else run.last_epoch(),
-        "selected_on": "val MAP@R" if best is not None else "none (last epoch; no data.val)",
+        "selected_on": "val MAP@R" if best is not None else "nothing: the last epoch",
         "metrics": metrics,
     }
     write_test_metrics(run.root, record)
