@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="measure retrieval quality of a checkpoint",
         description="Precision@1, R-Precision, MAP@R, Recall@1/2/4/8 of a checkpoint on a data "
-        "set's test split (or the spec's split: ...), and the object-weight share against the "
+        "set's test split (or the split the spec names), and the object-weight share against the "
         "share uniform weights give (collages, or --cells). Frozen-backbone checkpoints read "
         "the backbone's features from their run's feature cache.",
     )
