@@ -322,12 +322,20 @@ def _search(args: argparse.Namespace) -> int:
         tiles = [(query, query_weights, "query")]
         for match in matches:
             record = records[match.id]
-            tiles.append(
-                (_open_source(record.source), record.weights, f"#{match.rank} {match.score:.3f}")
-            )
+            caption = match_caption(match.rank, match.score, record.label)
+            tiles.append((_open_source(record.source), record.weights, caption))
         _contact_sheet(tiles).save(args.contact_sheet)
         print(f"contact sheet written to {args.contact_sheet}")
     return 0
+
+
+def match_caption(rank: int, score: float, label: str | None) -> str:
+    """A contact-sheet tile's caption: rank, the score to 4 decimals (near-duplicate scores of a
+    collapsed model still differ there) and the label, so matches can be told apart."""
+    shown = label or "(no label)"
+    if len(shown) > 14:  # the tile is 160 px wide
+        shown = shown[:12] + ".."
+    return f"#{rank}  {score:.4f}  {shown}"
 
 
 def _open_source(source: str) -> Any:
