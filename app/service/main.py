@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.service.dependencies import add_error_handlers, document_match_count
-from app.service.images import treat_decompression_bombs_as_errors
+from app.service.images import configure_pillow
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
 from app.service.metrics import ServiceMetrics
@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the service; raises :class:`~app.service.inference.StartupError` when the
     checkpoint or gallery is missing, unreadable or made by a different model."""
     configure_logging()
-    treat_decompression_bombs_as_errors()
+    configure_pillow(settings.max_pixels)
     # Process-wide, and before the model's warm-up compiles anything.
     set_runtime_options(RuntimeOptions(kernel=settings.kernel, compile=settings.compile))
     metrics = ServiceMetrics()
