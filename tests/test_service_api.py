@@ -375,6 +375,34 @@ def test_add_rejects_inconsistent_fields(client: TestClient, data: dict, code: s
     assert_error(client.post("/v1/gallery", files=files, data=data, headers=AUTH), 400, code)
 
 
+@pytest.mark.parametrize(
+    ("data", "code", "reason"),
+    [
+        (
+            {"metadata": json.dumps({"a": 1}).replace("1", "[" * 500 + "]" * 500)},
+            "bad_metadata",
+            "nested deeper than 32 levels",
+        ),
+        ({"metadata": "[" * 100_000 + "]" * 100_000}, "bad_metadata", "the limit is"),
+        ({"metadata": json.dumps({"blob": "x" * 70_000})}, "bad_metadata", "the limit is"),
+        ({"metadata": '{"v": NaN}'}, "bad_metadata", "not plain JSON"),
+        ({"labels": ["é" * 600]}, "bad_labels", "the limit is 1024 bytes"),
+    ],
+)
+def test_hostile_labels_and_metadata_are_400_before_any_file_is_written(
+    client: TestClient, service_assets: ServiceAssets, data: dict, code: str, reason: str
+) -> None:
+    uploads = service_assets.gallery_link / "uploads"
+    before = sorted(uploads.iterdir()) if uploads.is_dir() else []
+    size = client.get("/readyz").json()["gallery_size"]
+    image = Image.new("RGB", (40, 40), (7, 99, 201))
+    files = [("images", ("new.png", png_bytes(image), "image/png"))]
+    body = assert_error(client.post("/v1/gallery", files=files, data=data, headers=AUTH), 400, code)
+    assert reason in body["detail"] and body["detail"].startswith(("image 0:", "metadata"))
+    assert (sorted(uploads.iterdir()) if uploads.is_dir() else []) == before
+    assert client.get("/readyz").json()["gallery_size"] == size
+
+
 def test_add_with_one_bad_image_adds_nothing(client: TestClient) -> None:
     size = client.get("/readyz").json()["gallery_size"]
     files = [

@@ -121,3 +121,29 @@ def test_the_snapshot_cadence_comes_from_the_settings(
         added = _upload(client, (10, 240, 250))
         assert os.readlink(own_gallery / CURRENT) != snapshot_before  # written at once
         assert added["id"] in np.load(current_snapshot(own_gallery) / IDS_FILE)
+
+
+def test_a_restart_removes_upload_files_that_no_item_references(
+    service_assets: ServiceAssets, own_gallery: Path
+) -> None:
+    """What a ``kill -9`` between writing an upload's file and committing its item leaves (the
+    file, or a partial write of it) is removed when the service starts again; files of items
+    stay, and a read-only server deletes nothing."""
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))) as client:
+        kept = own_gallery / _upload(client, (20, 240, 10))["source"]
+    uploads = own_gallery / "uploads"
+    orphan = uploads / f"{'ab' * 32}.png"
+    partial = uploads / f".{'cd' * 32}.png.4242.partial"
+
+    def leave_orphans() -> None:
+        for path in (orphan, partial):
+            path.write_bytes(png_bytes(Image.new("RGB", (8, 8))))
+
+    leave_orphans()
+    with TestClient(
+        create_app(service_assets.settings(gallery=own_gallery, gallery_read_only=True))
+    ):
+        assert orphan.exists() and partial.exists()
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))):
+        assert kept.exists()
+        assert not orphan.exists() and not partial.exists()
