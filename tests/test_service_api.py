@@ -461,6 +461,53 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     assert "gsp_gallery_info{" in text
 
 
+def test_no_absolute_server_path_in_item_records_or_metrics(
+    client: TestClient, service_assets: ServiceAssets
+) -> None:
+    """The gallery records absolute sources (an indexed folder under ``image_roots``); the API
+    shows them relative to that root, and /metrics names directories, not their paths."""
+    server_root = str(service_assets.root)
+    match = search(client, png_bytes(drawn_image("red", 0)), k=1).json()["matches"][0]
+    assert match["source"] == "images/red-0.png"
+    item = client.get(f"/v1/gallery/{match['id']}").json()
+    assert item["source"] == "images/red-0.png"
+    fields = {"query_id": str(match["id"]), "gallery_id": str(match["id"]), "overlays": "false"}
+    explained = client.post("/v1/explain", data=fields).json()
+    assert explained["match"]["source"] == "images/red-0.png"
+    metrics = client.get("/metrics").text
+    assert server_root not in metrics and 'directory="gallery"' in metrics
+    assert f'checkpoint="{service_assets.checkpoint.name}"' in metrics
+
+
+def test_a_malformed_multipart_body_is_400_with_a_code(client: TestClient) -> None:
+    for content_type in ("multipart/form-data", "multipart/form-data; boundary="):
+        response = client.post(
+            "/v1/search", content=b"junk", headers={"content-type": content_type}
+        )
+        assert_error(response, 400, "bad_multipart")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("OPTIONS", "/v1/gallery/1", "DELETE, GET"),
+        ("PUT", "/v1/gallery/1", "DELETE, GET"),
+        ("GET", "/v1/search", "POST"),
+        ("OPTIONS", "/v1/gallery", "POST"),
+    ],
+)
+def test_405_names_every_method_of_the_path(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    response = client.request(method, path)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allow
+
+
+def test_unknown_path_is_404_with_a_code(client: TestClient) -> None:
+    assert_error(client.get("/v1/no-such-route"), 404, "not_found")
+
+
 def test_page_and_static_files_are_served(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "drop-zone" in page.text

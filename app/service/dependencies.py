@@ -9,8 +9,9 @@ No ``from __future__ import annotations``: FastAPI evaluates the dependencies' a
 """
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import Field, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.service.batching import BatcherClosed
 from app.service.images import DecodedImage, ImageRejected, decode_image
@@ -76,12 +79,55 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse(ErrorResponse(detail=detail, code=code).model_dump(), status_code=status)
+def _error(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(detail=detail, code=code).model_dump(), status_code=status, headers=headers
+    )
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _http_error_code(request: Request, status: int) -> str:
+    """The ``code`` of a framework error: ``bad_multipart`` for an unreadable form, else the
+    status's name (``not_found``, ``method_not_allowed``, ...)."""
+    content_type = request.headers.get("content-type", "")
+    if status == 400 and content_type.lower().startswith("multipart/"):
+        return "bad_multipart"
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path, asked of the router itself
+    (Starlette's 405 names only the first route that matched the path, so GET
+    /v1/gallery/{id} hid its DELETE)."""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    }
+    return ", ".join(sorted(methods))
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Answer the service's own errors, rejected images and a stopped model as ErrorResponse."""
+    """Answer the service's own errors, rejected images, a stopped model and the framework's
+    own errors (unknown path, wrong method, unreadable multipart body) as ErrorResponse."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        code = _http_error_code(request, error.status_code)
+        return _error(error.status_code, code, str(error.detail), headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -188,10 +234,11 @@ async def read_item_file(
     found = await item_file(state, item_id)
     try:
         return found.record, await state.workers.run(read, found.path)
-    except (ImageRejected, OSError) as error:
-        raise ApiError(
-            404, "image_unavailable", f"the image of item {item_id} is unusable: {error}"
-        ) from None
+    except ImageRejected as error:
+        reason = error.message
+    except OSError as error:  # its text would name the server path
+        reason = error.strerror or type(error).__name__
+    raise ApiError(404, "image_unavailable", f"the image of item {item_id} is unusable: {reason}")
 
 
 # -- the number of matches -----------------------------------------------------------------------

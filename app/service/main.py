@@ -42,7 +42,7 @@ _service_log = logging.getLogger("gsp.service")
 def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
     manifest = gallery.manifest
     return {
-        "directory": str(store.directory),
+        "directory": store.directory.name,  # a name, not a server path
         "model_fingerprint": str(manifest.model_fingerprint),
         "index_type": str(manifest.index_type),
         "embedding_dim": str(manifest.embedding_dim),
@@ -81,7 +81,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         {
             "fingerprint": engine.fingerprint,
             "device": str(engine.device),
-            "checkpoint": str(settings.checkpoint),
+            "checkpoint": settings.checkpoint.name,
         }
     )
     store.call(on_change)

@@ -249,6 +249,21 @@ class GalleryStore:
             os.replace(partial, target)
         return f"{UPLOADS_DIR}/{name}"
 
+    def public_source(self, source: str) -> str:
+        """An item's source as the API shows it, never an absolute server path: relative to
+        the gallery directory, ``<root name>/<relative path>`` under an ``image_roots``
+        folder, else the file name alone. Purely textual: no file is touched."""
+        path = Path(source)
+        if not path.is_absolute():
+            return source
+        for root, prefix in ((self.directory, None), *((r, r.name) for r in self._image_roots)):
+            try:
+                relative = path.relative_to(root).as_posix()
+            except ValueError:
+                continue
+            return f"{prefix}/{relative}" if prefix else relative
+        return path.name
+
     def resolve_source(self, source: str) -> Path | None:
         """The real file behind an item's source, or None when it lies outside the allowed roots.
 

@@ -59,7 +59,7 @@ async def get_item(request: Request, state: State, item_id: ItemId) -> ItemRespo
     record = await item_record(state, item_id)
     return ItemResponse(
         id=int(record.id),
-        source=str(record.source),
+        source=state.store.public_source(str(record.source)),
         sha256=record.sha256,
         label=record.label,
         added_at=record.added_at,
@@ -216,7 +216,7 @@ async def add_items(
                 id=int(record.id),
                 sha256=record.sha256,
                 label=record.label,
-                source=str(record.source),
+                source=state.store.public_source(str(record.source)),
                 duplicate=position in duplicates,
             )
             for position, record in enumerate(records)
