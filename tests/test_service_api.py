@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -515,6 +516,22 @@ def test_page_and_static_files_are_served(client: TestClient) -> None:
     for name in ("app.js", "app.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert client.get("/openapi.json").json()["paths"]["/v1/search"]["post"]
+
+
+def test_docs_favicon_and_their_assets_are_served_locally(client: TestClient) -> None:
+    """/docs and /redoc load nothing from a CDN: every script, stylesheet and icon they name
+    is a path of this service, and each answers 200."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "http://" not in html and "https://" not in html, page
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', html)
+        assert any(asset.endswith(".js") for asset in assets), page
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+    assert "openapi.json" in client.get("/docs").text
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in client.get("/").text
 
 
 def test_request_id_is_echoed_and_logs_are_clean(

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.service.dependencies import add_error_handlers, document_match_count
+from app.service.docs import add_local_docs
 from app.service.images import configure_pillow
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
@@ -139,6 +140,8 @@ def create_app(settings: Settings) -> FastAPI:
         description="Search an image gallery with Generalized Sum Pooling embeddings; every "
         "result comes with the pooling-weight heatmaps that explain it.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_local_docs, from local files
+        redoc_url=None,
     )
     app.state.service = state
     if settings.cors_origins:
@@ -171,5 +174,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    add_local_docs(app, STATIC_DIR / "favicon.svg")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
