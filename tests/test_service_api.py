@@ -213,6 +213,29 @@ def test_truncated_jpeg_is_400(client: TestClient) -> None:
     assert_error(search(client, data[: len(data) // 2], "image/jpeg"), 400, "bad_image")
 
 
+def test_a_48_megapixel_phone_photo_is_searched_not_refused(client: TestClient) -> None:
+    """8064x6048 is 12 times the test service's 4 MP limit; decoded at 1/8 it holds 0.76 MP."""
+    photo = encode(Image.new("RGB", (8064, 6048), (30, 60, 220)), "JPEG", quality=80)
+    response = search(client, photo, "image/jpeg", k=1)
+    assert response.status_code == 200, response.text
+    assert (response.json()["query"]["width"], response.json()["query"]["height"]) == (8064, 6048)
+
+
+def test_corrupt_jpeg_data_is_400(client: TestClient) -> None:
+    photo = drawn_image("blue", 1).resize((480, 400), Image.Resampling.BICUBIC)
+    damaged = bytearray(encode(photo, "JPEG", quality=92))
+    middle = len(damaged) // 2
+    damaged[middle : middle + 300] = bytes(300)
+    body = assert_error(search(client, bytes(damaged), "image/jpeg"), 400, "bad_image")
+    assert "corrupt" in body["detail"]
+
+
+def test_pixel_limit_messages_quote_the_services_setting(client: TestClient) -> None:
+    body = assert_error(search(client, bomb_png(60_000, 60_000)), 413, "too_many_pixels")
+    assert "at most 4000000 pixels (GSP_MAX_PIXELS)" in body["detail"]
+    assert "decompression bomb" not in body["detail"]
+
+
 def test_missing_image_field_is_422(client: TestClient) -> None:
     assert_error(client.post("/v1/search", data={"k": "3"}), 422)
 

@@ -147,3 +147,25 @@ def test_a_restart_removes_upload_files_that_no_item_references(
     with TestClient(create_app(service_assets.settings(gallery=own_gallery))):
         assert kept.exists()
         assert not orphan.exists() and not partial.exists()
+
+
+def test_an_add_that_fails_to_commit_leaves_no_upload_file(
+    service_assets: ServiceAssets, own_gallery: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refusing the write (a full disk, injected here) after the add wrote its
+    image files: the files go too, and the item is not there."""
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))) as client:
+        size = client.get("/readyz").json()["gallery_size"]
+        monkeypatch.setattr(Gallery, "add", full_disk)
+        files = [
+            ("images", ("n.png", png_bytes(Image.new("RGB", (64, 64), (3, 3, 250))), "image/png"))
+        ]
+        assert client.post("/v1/gallery", files=files, headers=AUTH).status_code == 500
+        uploads = own_gallery / "uploads"
+        assert not uploads.exists() or list(uploads.iterdir()) == []
+        monkeypatch.undo()
+        assert client.get("/readyz").json()["gallery_size"] == size
