@@ -151,11 +151,16 @@ def _check_pixels(opened: Image.Image, size: tuple[int, int], max_pixels: int) -
 
 
 def _check_jpeg_data(data: bytes, mode: str) -> None:
-    """400 for corrupt compressed data, found by a strict libjpeg-turbo pass at 1/8 scale
-    (Pillow decodes past such errors without a word, so a damaged photo would be searched)."""
+    """400 for corrupt compressed data, found by a strict libjpeg-turbo pass at its smallest
+    scale (Pillow decodes past such errors without a word, so a damaged photo would be
+    searched). Every coefficient is still entropy-decoded, so corruption anywhere is found."""
     try:
-        simplejpeg.decode_jpeg(
-            data, colorspace=_STRICT_COLOURSPACE.get(mode, "RGB"), min_factor=8, strict=True
+        simplejpeg.decode_jpeg(  # a 1-pixel minimum: the smallest DCT scale, 1/8
+            data,
+            colorspace=_STRICT_COLOURSPACE.get(mode, "RGB"),
+            min_width=1,
+            min_height=1,
+            strict=True,
         )
     except ValueError as error:
         raise ImageRejected(400, "bad_image", f"the JPEG data is corrupt: {error}") from None
