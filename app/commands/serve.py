@@ -59,6 +59,7 @@ def serve(overrides: Mapping[str, object], *, host: str, port: int, log_level: s
 
     from app.service.inference import StartupError
     from app.service.main import create_app
+    from app.service.server import guarded_protocol
     from app.service.settings import Settings
 
     # Values of any type: pydantic validates and converts each one (ValidationError below).
@@ -77,5 +78,15 @@ def serve(overrides: Mapping[str, object], *, host: str, port: int, log_level: s
         f"Serving on http://{shown}:{port}/ (API docs: http://{shown}:{port}/docs)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        # X-Forwarded-For / -Proto are believed from these peers only (none by default).
+        proxy_headers=True,
+        forwarded_allow_ips=[str(network) for network in settings.trusted_proxies],
+    )
     return 0
