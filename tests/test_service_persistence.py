@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -16,7 +19,7 @@ from app.service.main import create_app
 from app.service.store import GalleryStore
 from index.gallery import IDS_FILE, Gallery
 from index.snapshot import CURRENT, current_snapshot
-from tests.test_service_support import API_KEY, ServiceAssets, png_bytes
+from tests.test_service_support import API_KEY, ServiceAssets, png_bytes, running_server
 
 AUTH = {"X-API-Key": API_KEY}
 
@@ -169,3 +172,47 @@ def test_an_add_that_fails_to_commit_leaves_no_upload_file(
         assert not uploads.exists() or list(uploads.iterdir()) == []
         monkeypatch.undo()
         assert client.get("/readyz").json()["gallery_size"] == size
+
+
+@pytest.mark.slow
+def test_kill_9_during_uploads_leaves_every_file_referenced_after_a_restart(
+    service_assets: ServiceAssets, own_gallery: Path
+) -> None:
+    """A real ``gsp serve`` killed with SIGKILL while four clients add images, three times: after
+    a restart every acknowledged add is there with its file, and every file under uploads/
+    belongs to an item (no orphan, no partial write), whenever the kills fell."""
+    acknowledged: list[dict] = []
+    for round_ in range(3):
+        with running_server(service_assets, gallery=own_gallery) as (url, process):
+
+            def add(index: int) -> dict | None:
+                colour = (index % 256, (index * 7) % 256, (index * 13) % 256)
+                image = png_bytes(Image.new("RGB", (64, 48), colour))
+                files = {"images": (f"{index}.png", image, "image/png")}
+                try:
+                    response = httpx.post(
+                        f"{url}/v1/gallery", files=files, headers=AUTH, timeout=30
+                    )
+                except httpx.TransportError:  # killed before it answered: not acknowledged
+                    return None
+                return response.json()["items"][0] if response.status_code == 200 else None
+
+            with ThreadPoolExecutor(4) as pool:
+                adds = [pool.submit(add, round_ * 100 + i) for i in range(40)]
+                deadline = time.monotonic() + 60
+                while (
+                    sum(a.done() for a in adds) < 2 * (round_ + 1) and time.monotonic() < deadline
+                ):
+                    time.sleep(0.05)
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                acknowledged += [a.result() for a in adds if a.result() is not None]
+    with running_server(service_assets, gallery=own_gallery) as (url, _):
+        for item in acknowledged:
+            assert httpx.get(f"{url}/v1/gallery/{item['id']}", timeout=30).status_code == 200
+            assert (own_gallery / item["source"]).is_file()
+    with Gallery.open(own_gallery, read_only=True) as restarted:
+        known = restarted.known_sha256()
+    leftovers = sorted((own_gallery / "uploads").iterdir())
+    assert leftovers, "no add was acknowledged before a kill"
+    assert all(path.stem in known and not path.name.endswith(".partial") for path in leftovers)
