@@ -237,7 +237,8 @@ def test_pixel_limit_messages_quote_the_services_setting(client: TestClient) -> 
 
 
 def test_missing_image_field_is_422(client: TestClient) -> None:
-    assert_error(client.post("/v1/search", data={"k": "3"}), 422)
+    body = assert_error(client.post("/v1/search", data={"k": "3"}), 422, "validation_error")
+    assert body["detail"][0]["loc"] == ["body", "image"]
 
 
 def test_server_survives_bad_input(client: TestClient) -> None:

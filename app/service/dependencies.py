@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 import torch
 from fastapi import Depends, FastAPI, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyCookie, APIKeyHeader
@@ -133,7 +134,14 @@ def _allowed_methods(request: Request) -> str:
 
 def add_error_handlers(app: FastAPI) -> None:
     """Answer the service's own errors, rejected images, a stopped model and the framework's
-    own errors (unknown path, wrong method, unreadable multipart body) as ErrorResponse."""
+    own errors (unknown path, wrong method, unreadable multipart body) as ErrorResponse, and
+    request validation errors as FastAPI does, with a ``code`` too."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's list of problems, with the ``code`` every other error carries."""
+        body = {"detail": jsonable_encoder(error.errors()), "code": "validation_error"}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
