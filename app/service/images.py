@@ -197,8 +197,7 @@ def decode_image(
         # After the check: reading a PNG's EXIF may decode the whole image.
         if (opened.getexif().get(ExifTags.Base.Orientation) or 1) in _SWAPS_SIDES:
             width, height = height, width
-        is_jpeg = opened.format in ("JPEG", "MPO")
-        if strict and is_jpeg:
+        if strict and opened.format in ("JPEG", "MPO"):
             _check_jpeg_data(data, opened.mode)
         frames = int(getattr(opened, "n_frames", 1) or 1)
         opened.seek(0)
