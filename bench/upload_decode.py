@@ -17,7 +17,11 @@ against the service's own pool (``CpuWorkers``, one thread per usable CPU): the 
 alone, and a burst of concurrent 12 MP PNG uploads (PNG has no reduced-scale decode, so each
 is decoded whole) with its wall time and peak resident memory, each burst in a fresh process.
 
-    .venv/bin/python bench/upload_decode.py [--repeats 15] [--burst 32]
+Last, the cost of the strict JPEG check that uploads get (a libjpeg-turbo pass at 1/8 scale
+that refuses corrupt data, which Pillow decodes past) against the lenient decode that gallery
+files get, for a 12 MP and a 48 MP photo (``--strict-only`` runs this part alone).
+
+    .venv/bin/python bench/upload_decode.py [--repeats 15] [--burst 32] [--strict-only]
 """
 
 from __future__ import annotations
@@ -166,11 +170,41 @@ def burst(pool: int, data: bytes, count: int) -> tuple[str, float, float]:
     return run_loop(run_all())
 
 
+def strict_check_cost(repeats: int) -> None:
+    """Uploads' strict decode against gallery files' lenient one, alternated, best of three
+    medians each."""
+    print("strict JPEG check: decode_image(strict=True), uploads, vs strict=False, gallery files")
+    print(f"{'upload':>11} {'KiB':>6} {'strict ms':>10} {'lenient ms':>11} {'ratio':>6}")
+    for name, size in (("12 MP JPEG", (4000, 3000)), ("48 MP JPEG", (8064, 6048))):
+        data = encoded(photo(*size), "JPEG")
+        runs: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3):
+            for strict in (True, False):
+                decode = functools.partial(
+                    decode_image,
+                    data,
+                    content_type="image/jpeg",
+                    min_side=PREPROCESSING.resize_size,
+                    strict=strict,
+                    **LIMITS,
+                )
+                runs[strict].append(median_ms(decode, repeats))
+        strict_ms, lenient_ms = min(runs[True]), min(runs[False])
+        print(
+            f"{name:>11} {len(data) // 1024:>6} {strict_ms:>10.2f} {lenient_ms:>11.2f} "
+            f"{strict_ms / lenient_ms:>5.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--burst", type=int, default=32, help="concurrent uploads (0: skip)")
+    parser.add_argument("--strict-only", action="store_true", help="only the strict check")
     args = parser.parse_args()
+    if args.strict_only:
+        strict_check_cost(args.repeats)
+        return
     preprocessing = PREPROCESSING
     full, normalise = eval_transform(preprocessing), Normalise(preprocessing)
     uploads = {
@@ -216,6 +250,8 @@ def main() -> None:
             for pool in (0, 1, 0, 1):
                 name, seconds, mib = fresh.apply(burst, (pool, upload, args.burst))
                 print(f"  {name:>32}: {seconds:6.2f} s, {mib:7.1f} MiB")
+    print()
+    strict_check_cost(args.repeats)
 
 
 if __name__ == "__main__":

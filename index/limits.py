@@ -22,6 +22,7 @@ __all__ = [
     "UNREADABLE_METADATA",
     "check_label",
     "check_metadata",
+    "nests_deeper",
     "stored_label",
     "stored_metadata",
 ]
@@ -83,7 +84,7 @@ def check_metadata(position: int, metadata: Any) -> None:
             "metadata",
             f"is {len(text)} bytes as JSON; the limit is {MAX_METADATA_BYTES} bytes",
         )
-    if _nests_deeper(text):
+    if nests_deeper(text):
         raise InvalidItemError(position, "metadata", too_deep)
 
 
@@ -91,7 +92,7 @@ def stored_metadata(text: str) -> dict[str, Any]:
     """Stored metadata JSON as a dict, or the marker saying why it cannot be returned."""
     if len(text) > MAX_METADATA_BYTES:
         return _unreadable(f"is {len(text)} bytes, over the {MAX_METADATA_BYTES}-byte limit")
-    if _nests_deeper(text):
+    if nests_deeper(text):
         return _unreadable(f"is nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
@@ -121,13 +122,13 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def _nests_deeper(text: str) -> bool:
-    """Whether JSON text nests objects and arrays deeper than ``MAX_METADATA_DEPTH``, found
-    without parsing it (a parse of hostile text could exhaust the stack)."""
-    if text.count("{") + text.count("[") <= MAX_METADATA_DEPTH:  # the common case, cheaply
+def nests_deeper(text: str, depth: int = MAX_METADATA_DEPTH) -> bool:
+    """Whether JSON text nests objects and arrays deeper than ``depth``, found without parsing
+    it (a parse of hostile text could exhaust the stack); any JSON input can be checked so."""
+    if text.count("{") + text.count("[") <= depth:  # the common case, cheaply
         return False
     brackets = _NOT_BRACKET.sub("", _STRING_LITERAL.sub("", text))
-    for _ in range(MAX_METADATA_DEPTH):
+    for _ in range(depth):
         if not brackets:
             return False
         brackets = _EMPTY_PAIR.sub("", brackets)  # one level: the pairs that hold nothing

@@ -213,6 +213,23 @@ def test_region_search_bad_input(
     assert_error(search_regions(client, drawn_image("red", 1), **fields), status, code)
 
 
+@pytest.mark.parametrize(
+    ("regions", "reason"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "the limit is 16384 bytes"),  # the 500
+        ("[" * 5_000 + "]" * 5_000, "nested deeper than 8 levels"),
+        ('{"favour": ' + "[" * 20 + "]" * 20 + "}", "nested deeper than 8 levels"),
+        (json.dumps({"favour": [[0.1, 0.1, 0.2, 0.2]] * 800}), "the limit is 16384 bytes"),
+    ],
+)
+def test_hostile_regions_are_400_not_500(client: TestClient, regions: str, reason: str) -> None:
+    body = assert_error(
+        search_regions(client, drawn_image("red", 1), regions=regions), 400, "bad_regions"
+    )
+    assert reason in body["detail"]
+    assert search_regions(client, drawn_image("red", 1), k=2, regions=LEFT).status_code == 200
+
+
 def test_region_search_rejects_a_non_image_mask(client: TestClient) -> None:
     files = image_file(drawn_image("red", 1))
     files["ignore_mask"] = ("m.png", b"\x89PNG broken", "image/png")

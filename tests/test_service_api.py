@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -212,8 +213,32 @@ def test_truncated_jpeg_is_400(client: TestClient) -> None:
     assert_error(search(client, data[: len(data) // 2], "image/jpeg"), 400, "bad_image")
 
 
+def test_a_48_megapixel_phone_photo_is_searched_not_refused(client: TestClient) -> None:
+    """8064x6048 is 12 times the test service's 4 MP limit; decoded at 1/8 it holds 0.76 MP."""
+    photo = encode(Image.new("RGB", (8064, 6048), (30, 60, 220)), "JPEG", quality=80)
+    response = search(client, photo, "image/jpeg", k=1)
+    assert response.status_code == 200, response.text
+    assert (response.json()["query"]["width"], response.json()["query"]["height"]) == (8064, 6048)
+
+
+def test_corrupt_jpeg_data_is_400(client: TestClient) -> None:
+    photo = drawn_image("blue", 1).resize((480, 400), Image.Resampling.BICUBIC)
+    damaged = bytearray(encode(photo, "JPEG", quality=92))
+    middle = len(damaged) // 2
+    damaged[middle : middle + 300] = bytes(300)
+    body = assert_error(search(client, bytes(damaged), "image/jpeg"), 400, "bad_image")
+    assert "corrupt" in body["detail"]
+
+
+def test_pixel_limit_messages_quote_the_services_setting(client: TestClient) -> None:
+    body = assert_error(search(client, bomb_png(60_000, 60_000)), 413, "too_many_pixels")
+    assert "at most 4000000 pixels (GSP_MAX_PIXELS)" in body["detail"]
+    assert "decompression bomb" not in body["detail"]
+
+
 def test_missing_image_field_is_422(client: TestClient) -> None:
-    assert_error(client.post("/v1/search", data={"k": "3"}), 422)
+    body = assert_error(client.post("/v1/search", data={"k": "3"}), 422, "validation_error")
+    assert body["detail"][0]["loc"] == ["body", "image"]
 
 
 def test_server_survives_bad_input(client: TestClient) -> None:
@@ -432,6 +457,34 @@ def test_add_rejects_inconsistent_fields(client: TestClient, data: dict, code: s
     assert_error(client.post("/v1/gallery", files=files, data=data, headers=AUTH), 400, code)
 
 
+@pytest.mark.parametrize(
+    ("data", "code", "reason"),
+    [
+        (
+            {"metadata": json.dumps({"a": 1}).replace("1", "[" * 500 + "]" * 500)},
+            "bad_metadata",
+            "nested deeper than 32 levels",
+        ),
+        ({"metadata": "[" * 100_000 + "]" * 100_000}, "bad_metadata", "the limit is"),
+        ({"metadata": json.dumps({"blob": "x" * 70_000})}, "bad_metadata", "the limit is"),
+        ({"metadata": '{"v": NaN}'}, "bad_metadata", "not plain JSON"),
+        ({"labels": ["é" * 600]}, "bad_labels", "the limit is 1024 bytes"),
+    ],
+)
+def test_hostile_labels_and_metadata_are_400_before_any_file_is_written(
+    client: TestClient, service_assets: ServiceAssets, data: dict, code: str, reason: str
+) -> None:
+    uploads = service_assets.gallery_link / "uploads"
+    before = sorted(uploads.iterdir()) if uploads.is_dir() else []
+    size = client.get("/readyz").json()["gallery_size"]
+    image = Image.new("RGB", (40, 40), (7, 99, 201))
+    files = [("images", ("new.png", png_bytes(image), "image/png"))]
+    body = assert_error(client.post("/v1/gallery", files=files, data=data, headers=AUTH), 400, code)
+    assert reason in body["detail"] and body["detail"].startswith(("image 0:", "metadata"))
+    assert (sorted(uploads.iterdir()) if uploads.is_dir() else []) == before
+    assert client.get("/readyz").json()["gallery_size"] == size
+
+
 def test_add_with_one_bad_image_adds_nothing(client: TestClient) -> None:
     size = client.get("/readyz").json()["gallery_size"]
     files = [
@@ -490,6 +543,53 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     assert "gsp_gallery_info{" in text
 
 
+def test_no_absolute_server_path_in_item_records_or_metrics(
+    client: TestClient, service_assets: ServiceAssets
+) -> None:
+    """The gallery records absolute sources (an indexed folder under ``image_roots``); the API
+    shows them relative to that root, and /metrics names directories, not their paths."""
+    server_root = str(service_assets.root)
+    match = search(client, png_bytes(drawn_image("red", 0)), k=1).json()["matches"][0]
+    assert match["source"] == "images/red-0.png"
+    item = client.get(f"/v1/gallery/{match['id']}").json()
+    assert item["source"] == "images/red-0.png"
+    fields = {"query_id": str(match["id"]), "gallery_id": str(match["id"]), "overlays": "false"}
+    explained = client.post("/v1/explain", data=fields).json()
+    assert explained["match"]["source"] == "images/red-0.png"
+    metrics = client.get("/metrics").text
+    assert server_root not in metrics and 'directory="gallery"' in metrics
+    assert f'checkpoint="{service_assets.checkpoint.name}"' in metrics
+
+
+def test_a_malformed_multipart_body_is_400_with_a_code(client: TestClient) -> None:
+    for content_type in ("multipart/form-data", "multipart/form-data; boundary="):
+        response = client.post(
+            "/v1/search", content=b"junk", headers={"content-type": content_type}
+        )
+        assert_error(response, 400, "bad_multipart")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("OPTIONS", "/v1/gallery/1", "DELETE, GET"),
+        ("PUT", "/v1/gallery/1", "DELETE, GET"),
+        ("GET", "/v1/search", "POST"),
+        ("OPTIONS", "/v1/gallery", "POST"),
+    ],
+)
+def test_405_names_every_method_of_the_path(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    response = client.request(method, path)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allow
+
+
+def test_unknown_path_is_404_with_a_code(client: TestClient) -> None:
+    assert_error(client.get("/v1/no-such-route"), 404, "not_found")
+
+
 def test_page_and_static_files_are_served(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "drop-zone" in page.text
@@ -497,6 +597,22 @@ def test_page_and_static_files_are_served(client: TestClient) -> None:
     for name in ("app.js", "app.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert client.get("/openapi.json").json()["paths"]["/v1/search"]["post"]
+
+
+def test_docs_favicon_and_their_assets_are_served_locally(client: TestClient) -> None:
+    """/docs and /redoc load nothing from a CDN: every script, stylesheet and icon they name
+    is a path of this service, and each answers 200."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "http://" not in html and "https://" not in html, page
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', html)
+        assert any(asset.endswith(".js") for asset in assets), page
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+    assert "openapi.json" in client.get("/docs").text
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in client.get("/").text
 
 
 def test_request_id_is_echoed_and_logs_are_clean(

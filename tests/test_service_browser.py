@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from tests.test_service_support import drawn_image
 
@@ -224,3 +224,44 @@ def test_favour_rectangle_drawn_with_the_mouse_drives_the_region_search(
     page.click("#clear-regions")
     assert page.inner_text("#region-count") == "No regions"
     assert "failed" not in page.inner_text("#status")
+
+
+def test_choosing_a_file_searches_once_and_the_matches_are_in_view(
+    read_only_server: str, browser: Browser, tmp_path: Path
+) -> None:
+    """At 1280x1000 the first matches sit beside the query, above the fold; choosing a file
+    sends one search, and the page does not ask for a second press."""
+    query = tmp_path / "query.png"
+    drawn_image("blue", 1).save(query)
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        search_for(page, read_only_server, query)
+        page.wait_for_function("!document.getElementById('search-button').disabled")
+        searches = [f for f in page.evaluate("window.sentForms") if f["url"] == "/v1/search"]
+        assert len(searches) == 1
+        assert "Press Search" not in page.inner_text("body")
+        first = page.locator("#results li").first.bounding_box()
+        assert first is not None and first["y"] + first["height"] <= 1000
+        assert page.evaluate("window.scrollY") == 0
+        page.screenshot(path=str(tmp_path / "page.png"))
+    finally:
+        context.close()
+
+
+def test_docs_render_with_nothing_fetched_from_outside(read_only_server: str, page: Page) -> None:
+    outside: list[str] = []
+
+    def only_local(route: Route) -> None:
+        if route.request.url.startswith(read_only_server):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(read_only_server + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock")
+    assert page.locator(".opblock-summary-path", has_text="/v1/search").count() >= 1
+    assert outside == []

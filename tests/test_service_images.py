@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from app.service.images import ImageRejected, decode_image
+from app.service.images import ImageRejected, configure_pillow, decode_file, decode_image
 from tests.conftest import bomb_png, encode
 
 LIMITS = {"max_bytes": 2_000_000, "max_pixels": 4_000_000}
@@ -139,9 +140,107 @@ def test_size_and_pixel_limits() -> None:
     with pytest.raises(ImageRejected) as caught:
         decode(bomb_png(50_000, 50_000))
     assert (caught.value.status, caught.value.code) == (413, "too_many_pixels")
+    assert "has 2500000000 pixels" in caught.value.message
+    assert "at most 4000000 pixels (GSP_MAX_PIXELS)" in caught.value.message
 
 
-def test_pillow_bomb_limit_applies_even_with_a_generous_setting() -> None:
+def test_pillow_bomb_limit_applies_even_with_a_generous_setting_and_quotes_ours() -> None:
     with pytest.raises(ImageRejected) as caught:
         decode(bomb_png(100_000, 100_000), max_pixels=10**12)
-    assert caught.value.status == 413
+    assert (caught.value.status, caught.value.code) == (413, "too_many_pixels")
+    assert "1000000000000 pixels (GSP_MAX_PIXELS)" in caught.value.message
+    assert "decompression bomb" not in caught.value.message  # Pillow's wording, not ours
+
+
+def test_a_generous_setting_raises_pillows_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    configure_pillow(3_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 3_000_000
+    configure_pillow(10)  # never lowered: other formats keep Pillow's backstop
+    assert Image.MAX_IMAGE_PIXELS == 3_000_000
+
+
+def _flat_jpeg(width: int, height: int, **options: object) -> bytes:
+    """A JPEG of one colour: even tens of megapixels compress to little."""
+    return encode(Image.new("RGB", (width, height), (90, 140, 200)), "JPEG", **options)
+
+
+def test_a_48_megapixel_phone_photo_is_accepted_at_the_default_limit() -> None:
+    data = _flat_jpeg(8064, 6048, quality=80)
+    decoded = decode(data, "image/jpeg", max_bytes=len(data), max_pixels=40_000_000, min_side=256)
+    assert decoded.size == (8064, 6048)
+    assert decoded.image.size == (1008, 756)  # 1/8 scale: what is held in memory
+    assert decoded.image.getpixel((500, 300)) == pytest.approx((90, 140, 200), abs=3)
+
+
+def test_jpeg_limit_is_on_decoded_pixels_and_pillows_check_does_not_fire_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scaled down from a 200 MP photo under a 40 MP limit: 6 MP under a 1 MP limit, with
+    Pillow's own bomb limit (as an error, as the service sets it) below the photo too."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        data = _flat_jpeg(3000, 2000)
+        decoded = decode(data, "image/jpeg", max_pixels=1_000_000, min_side=128)
+        assert (decoded.size, decoded.image.size) == ((3000, 2000), (375, 250))
+        with pytest.raises(ImageRejected) as caught:  # no reduced decode asked: full size
+            decode(data, "image/jpeg", max_pixels=1_000_000)
+        assert caught.value.code == "too_many_pixels"
+        assert "3000x2000" in caught.value.message and "GSP_MAX_PIXELS" in caught.value.message
+        with pytest.raises(ImageRejected) as caught:  # other formats: the header's size
+            decode(encode(Image.new("RGB", (3000, 2000)), "PNG"), max_pixels=1_000_000)
+        assert caught.value.code == "too_many_pixels"
+
+
+def test_progressive_jpeg_counts_its_full_size() -> None:
+    data = _flat_jpeg(3000, 2000, progressive=True)
+    with pytest.raises(ImageRejected) as caught:
+        decode(data, "image/jpeg", max_pixels=1_000_000, min_side=128)
+    assert caught.value.code == "too_many_pixels" and "progressive" in caught.value.message
+    assert decode(data, "image/jpeg", max_pixels=6_000_000, min_side=128).size == (3000, 2000)
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims ``width`` x ``height``."""
+    data = bytearray(_flat_jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_jpeg_too_large_even_at_one_eighth_scale_is_refused() -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode(_jpeg_claiming(65_000, 65_000), "image/jpeg", max_pixels=40_000_000, min_side=256)
+    assert (caught.value.status, caught.value.code) == (413, "too_many_pixels")
+    assert "decodes at 8125x8125 at best" in caught.value.message
+
+
+def _corrupted(data: bytes, how: str) -> bytes:
+    damaged = bytearray(data)
+    middle = len(damaged) // 2
+    if how == "zeros":
+        damaged[middle : middle + 200] = bytes(200)
+    else:  # an end-of-image marker in the middle of the scan
+        damaged[middle : middle + 2] = b"\xff\xd9"
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("how", ["zeros", "early_end"])
+def test_corrupt_jpeg_data_is_rejected_though_pillow_decodes_it(how: str, tmp_path) -> None:
+    data = _corrupted(encode(_photo(320, 240), "JPEG", quality=90), how)
+    with Image.open(io.BytesIO(data)) as lenient:
+        lenient.load()  # what made the service answer 200 before
+    with pytest.raises(ImageRejected) as caught:
+        decode(data, "image/jpeg")
+    assert (caught.value.status, caught.value.code) == (400, "bad_image")
+    assert "corrupt" in caught.value.message
+    stored = tmp_path / "stored.jpg"  # a gallery file: as lenient as the indexer that read it
+    stored.write_bytes(data)
+    assert decode_file(stored, max_pixels=1_000_000).size == (320, 240)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGB"])
+def test_intact_jpegs_of_every_colour_space_pass_the_strict_check(mode: str) -> None:
+    image = _photo(160, 120).convert(mode)
+    assert decode(encode(image, "JPEG"), "image/jpeg").size == (160, 120)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +20,7 @@ from app.service.store import GalleryStore
 from index.gallery import IDS_FILE, Gallery
 from index.manifest import load_manifest
 from index.snapshot import CURRENT, current_snapshot
-from tests.test_service_support import API_KEY, ServiceAssets, png_bytes
+from tests.test_service_support import API_KEY, ServiceAssets, png_bytes, running_server
 
 AUTH = {"X-API-Key": API_KEY}
 
@@ -130,3 +133,95 @@ def test_the_snapshot_cadence_comes_from_the_settings(
         _upload(client, (10, 240, 250))
         assert os.readlink(own_gallery / CURRENT) != snapshot_before  # written at once
         assert saved_count(own_gallery) == count + 1
+
+
+def test_a_restart_removes_upload_files_that_no_item_references(
+    service_assets: ServiceAssets, own_gallery: Path
+) -> None:
+    """What a ``kill -9`` between writing an upload's file and committing its item leaves (the
+    file, or a partial write of it) is removed when the service starts again; files of items
+    stay, and a read-only server deletes nothing."""
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))) as client:
+        kept = own_gallery / _upload(client, (20, 240, 10))["source"]
+    uploads = own_gallery / "uploads"
+    orphan = uploads / f"{'ab' * 32}.png"
+    partial = uploads / f".{'cd' * 32}.png.4242.partial"
+
+    def leave_orphans() -> None:
+        for path in (orphan, partial):
+            path.write_bytes(png_bytes(Image.new("RGB", (8, 8))))
+
+    leave_orphans()
+    with TestClient(
+        create_app(service_assets.settings(gallery=own_gallery, gallery_read_only=True))
+    ):
+        assert orphan.exists() and partial.exists()
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))):
+        assert kept.exists()
+        assert not orphan.exists() and not partial.exists()
+
+
+def test_an_add_that_fails_to_commit_leaves_no_upload_file(
+    service_assets: ServiceAssets, own_gallery: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refusing the write (a full disk, injected here) after the add wrote its
+    image files: the files go too, and the item is not there."""
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with TestClient(create_app(service_assets.settings(gallery=own_gallery))) as client:
+        size = client.get("/readyz").json()["gallery_size"]
+        monkeypatch.setattr(Gallery, "add", full_disk)
+        files = [
+            ("images", ("n.png", png_bytes(Image.new("RGB", (64, 64), (3, 3, 250))), "image/png"))
+        ]
+        assert client.post("/v1/gallery", files=files, headers=AUTH).status_code == 500
+        uploads = own_gallery / "uploads"
+        assert not uploads.exists() or list(uploads.iterdir()) == []
+        monkeypatch.undo()
+        assert client.get("/readyz").json()["gallery_size"] == size
+
+
+@pytest.mark.slow
+def test_kill_9_during_uploads_leaves_every_file_referenced_after_a_restart(
+    service_assets: ServiceAssets, own_gallery: Path
+) -> None:
+    """A real ``gsp serve`` killed with SIGKILL while four clients add images, three times: after
+    a restart every acknowledged add is there with its file, and every file under uploads/
+    belongs to an item (no orphan, no partial write), whenever the kills fell."""
+    acknowledged: list[dict] = []
+    for round_ in range(3):
+        with running_server(service_assets, gallery=own_gallery) as (url, process):
+
+            def add(index: int) -> dict | None:
+                colour = (index % 256, (index * 7) % 256, (index * 13) % 256)
+                image = png_bytes(Image.new("RGB", (64, 48), colour))
+                files = {"images": (f"{index}.png", image, "image/png")}
+                try:
+                    response = httpx.post(
+                        f"{url}/v1/gallery", files=files, headers=AUTH, timeout=30
+                    )
+                except httpx.TransportError:  # killed before it answered: not acknowledged
+                    return None
+                return response.json()["items"][0] if response.status_code == 200 else None
+
+            with ThreadPoolExecutor(4) as pool:
+                adds = [pool.submit(add, round_ * 100 + i) for i in range(40)]
+                deadline = time.monotonic() + 60
+                while (
+                    sum(a.done() for a in adds) < 2 * (round_ + 1) and time.monotonic() < deadline
+                ):
+                    time.sleep(0.05)
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                acknowledged += [a.result() for a in adds if a.result() is not None]
+    with running_server(service_assets, gallery=own_gallery) as (url, _):
+        for item in acknowledged:
+            assert httpx.get(f"{url}/v1/gallery/{item['id']}", timeout=30).status_code == 200
+            assert (own_gallery / item["source"]).is_file()
+    with Gallery.open(own_gallery, read_only=True) as restarted:
+        known = restarted.known_sha256()
+    leftovers = sorted((own_gallery / "uploads").iterdir())
+    assert leftovers, "no add was acknowledged before a kill"
+    assert all(path.stem in known and not path.name.endswith(".partial") for path in leftovers)

@@ -202,9 +202,10 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 
 @contextlib.contextmanager
 def running_server(
-    service_assets: ServiceAssets, **env: str
+    service_assets: ServiceAssets, gallery: Path | None = None, **env: str
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``gsp serve`` on a free loopback port, with these ``GSP_*`` settings beside the keys."""
+    """``gsp serve`` on a free loopback port, with these ``GSP_*`` settings beside the keys,
+    serving ``gallery`` (default: the shared test gallery)."""
     port = free_port()
     env = {
         **os.environ,
@@ -215,7 +216,7 @@ def running_server(
     command = [
         sys.executable, "-m", "app.cli", "serve",
         "--checkpoint", str(service_assets.checkpoint),
-        "--gallery", str(service_assets.gallery_link),
+        "--gallery", str(gallery or service_assets.gallery_link),
         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -12,19 +12,23 @@ No ``from __future__ import annotations``: FastAPI evaluates the dependencies' a
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import torch
 from fastapi import Depends, FastAPI, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyCookie, APIKeyHeader
 from pydantic import Field, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.routing import Match
 from starlette.types import Scope
 
 from app.service.batching import BatcherClosed
@@ -90,12 +94,62 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse(ErrorResponse(detail=detail, code=code).model_dump(), status_code=status)
+def _error(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(detail=detail, code=code).model_dump(), status_code=status, headers=headers
+    )
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _http_error_code(request: Request, status: int) -> str:
+    """The ``code`` of a framework error: ``bad_multipart`` for an unreadable form, else the
+    status's name (``not_found``, ``method_not_allowed``, ...)."""
+    content_type = request.headers.get("content-type", "")
+    if status == 400 and content_type.lower().startswith("multipart/"):
+        return "bad_multipart"
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path, asked of the router itself
+    (Starlette's 405 names only the first route that matched the path, so GET
+    /v1/gallery/{id} hid its DELETE)."""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    }
+    return ", ".join(sorted(methods))
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Answer the service's own errors, rejected images and a stopped model as ErrorResponse."""
+    """Answer the service's own errors, rejected images, a stopped model and the framework's
+    own errors (unknown path, wrong method, unreadable multipart body) as ErrorResponse, and
+    request validation errors as FastAPI does, with a ``code`` too."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's list of problems, with the ``code`` every other error carries."""
+        body = {"detail": jsonable_encoder(error.errors()), "code": "validation_error"}
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        code = _http_error_code(request, error.status_code)
+        return _error(error.status_code, code, str(error.detail), headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -243,10 +297,11 @@ async def read_item_file(
     found = await item_file(state, item_id)
     try:
         return found.record, await state.workers.run(read, found.path)
-    except (ImageRejected, OSError) as error:
-        raise ApiError(
-            404, "image_unavailable", f"the image of item {item_id} is unusable: {error}"
-        ) from None
+    except ImageRejected as error:
+        reason = error.message
+    except OSError as error:  # its text would name the server path
+        reason = error.strerror or type(error).__name__
+    raise ApiError(404, "image_unavailable", f"the image of item {item_id} is unusable: {reason}")
 
 
 # -- the number of matches -----------------------------------------------------------------------

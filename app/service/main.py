@@ -22,7 +22,8 @@ from app.service.dependencies import (
     document_match_count,
     presented_key,
 )
-from app.service.images import treat_decompression_bombs_as_errors
+from app.service.docs import add_local_docs
+from app.service.images import configure_pillow
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
 from app.service.metrics import ServiceMetrics
@@ -70,7 +71,7 @@ def _body_limit(settings: Settings) -> Callable[[Scope], int]:
 def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
     manifest = gallery.manifest
     return {
-        "directory": str(store.directory),
+        "directory": store.directory.name,  # a name, not a server path
         "model_fingerprint": str(manifest.model_fingerprint),
         "index_type": str(manifest.index_type),
         "embedding_dim": str(manifest.embedding_dim),
@@ -110,7 +111,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         {
             "fingerprint": engine.fingerprint,
             "device": str(engine.device),
-            "checkpoint": str(settings.checkpoint),
+            "checkpoint": settings.checkpoint.name,
         }
     )
     store.call(on_change)
@@ -127,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the service; raises :class:`~app.service.inference.StartupError` when the
     checkpoint or gallery is missing, unreadable or made by a different model."""
     configure_logging()
-    treat_decompression_bombs_as_errors()
+    configure_pillow(settings.max_pixels)
     # Process-wide, and before the model's warm-up compiles anything.
     set_runtime_options(RuntimeOptions(kernel=settings.kernel, compile=settings.compile))
     metrics = ServiceMetrics()
@@ -168,6 +169,8 @@ def create_app(settings: Settings) -> FastAPI:
         description="Search an image gallery with Generalized Sum Pooling embeddings; every "
         "result comes with the pooling-weight heatmaps that explain it.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_local_docs, from local files
+        redoc_url=None,
     )
     app.state.service = state
     if settings.cors_origins:
@@ -219,5 +222,6 @@ def create_app(settings: Settings) -> FastAPI:
             return RedirectResponse("key", status_code=303)
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    add_local_docs(app, STATIC_DIR / "favicon.svg")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -12,18 +12,38 @@ from pydantic import ValidationError
 
 from app.service.dependencies import ApiError
 from app.service.schemas import Regions
+from index.limits import nests_deeper
 from model.config import Preprocessing
 from model.explain import image_mask_to_feature_mask, rectangles_to_mask
 
-__all__ = ["MarkedRegions", "check_aspect", "parse_regions"]
+__all__ = [
+    "MAX_REGIONS_BYTES",
+    "MAX_REGIONS_DEPTH",
+    "MarkedRegions",
+    "check_aspect",
+    "parse_regions",
+]
 
 _ASPECT_TOLERANCE = 0.02
+# Bounds checked on the text, before it is parsed: a region spec is an object of lists of
+# four numbers (3 levels), so anything far larger or deeper is hostile, not a bigger query.
+MAX_REGIONS_BYTES = 16 * 1024
+MAX_REGIONS_DEPTH = 8
 
 
 def parse_regions(text: str | None) -> Regions:
     """The ``regions`` form field (empty: nothing marked); 400 ``bad_regions`` when malformed."""
     if text is None or not text.strip():
         return Regions()
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_REGIONS_BYTES:
+        raise ApiError(
+            400, "bad_regions", f"regions is {size} bytes; the limit is {MAX_REGIONS_BYTES} bytes"
+        )
+    if nests_deeper(text, MAX_REGIONS_DEPTH):
+        raise ApiError(
+            400, "bad_regions", f"regions is nested deeper than {MAX_REGIONS_DEPTH} levels"
+        )
     try:
         return Regions.model_validate(json.loads(text))
     except json.JSONDecodeError as error:

@@ -95,6 +95,7 @@ async def run_search(
 
 def build_matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool) -> list[Match]:
     """The response models of :func:`search_gallery`'s (match, record) pairs, ranked from 1."""
+    store = request.app.state.service.store
     matches = []
     for rank, (match, record) in enumerate(pairs, start=1):
         heatmap = None
@@ -106,7 +107,7 @@ def build_matches(request: Request, pairs: list[tuple[Any, Any]], heatmaps: bool
                 rank=rank,
                 score=float(match.score),
                 label=record.label,
-                source=str(record.source),
+                source=store.public_source(str(record.source)),
                 metadata=dict(record.extra or {}),
                 heatmap=heatmap,
                 **item_urls(request, int(record.id)),

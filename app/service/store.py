@@ -103,9 +103,13 @@ class GalleryStore:
         from index.errors import GalleryError
 
         try:
-            return self._open_raw()
+            gallery = self._open_raw()
         except GalleryError as error:
             raise StartupError(f"cannot open gallery {self.directory}: {error}") from error
+        removed = self.remove_orphan_uploads(gallery)
+        if removed:
+            _log.info("removed %d upload files that no gallery item references", removed)
+        return gallery
 
     def _open_raw(self) -> Gallery:
         from index.gallery import Gallery
@@ -245,6 +249,21 @@ class GalleryStore:
             os.replace(partial, target)
         return f"{UPLOADS_DIR}/{name}"
 
+    def public_source(self, source: str) -> str:
+        """An item's source as the API shows it, never an absolute server path: relative to
+        the gallery directory, ``<root name>/<relative path>`` under an ``image_roots``
+        folder, else the file name alone. Purely textual: no file is touched."""
+        path = Path(source)
+        if not path.is_absolute():
+            return source
+        for root, prefix in ((self.directory, None), *((r, r.name) for r in self._image_roots)):
+            try:
+                relative = path.relative_to(root).as_posix()
+            except ValueError:
+                continue
+            return f"{prefix}/{relative}" if prefix else relative
+        return path.name
+
     def resolve_source(self, source: str) -> Path | None:
         """The real file behind an item's source, or None when it lies outside the allowed roots.
 
@@ -267,6 +286,30 @@ class GalleryStore:
                 continue
             return real
         return None
+
+    def discard_unreferenced(self, gallery: Gallery, sources: list[str]) -> None:
+        """On the gallery thread: delete the upload files among ``sources`` that no item
+        references (a failed add's files; another request may have added the same image)."""
+        known = gallery.known_sha256()
+        for source in sources:
+            if Path(source).stem not in known:
+                self.discard_upload(source)
+
+    def remove_orphan_uploads(self, gallery: Gallery) -> int:
+        """On the gallery thread, at open: delete partial writes and upload files no item
+        references, left by a process killed between writing a file and committing its item.
+        Returns how many were deleted."""
+        uploads = self.uploads_directory()
+        if self.read_only or not uploads.is_dir():
+            return 0
+        known = gallery.known_sha256()
+        removed = 0
+        for path in uploads.iterdir():
+            partial = path.name.startswith(".") and path.name.endswith(".partial")
+            if path.is_file() and (partial or path.stem not in known):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def discard_upload(self, source: str) -> None:
         """Delete a file under ``uploads/`` that no item references any more."""

@@ -136,7 +136,8 @@ function choose(file) {
   button.disabled = false;
   if (queryUrl) URL.revokeObjectURL(queryUrl);
   queryUrl = URL.createObjectURL(file);
-  $("drop-help").textContent = `Selected: ${file.name}. Press Search, or choose another file.`;
+  $("drop-help").textContent = `Searching with ${file.name}; choose or drop another file to `
+    + "search with it instead.";
   regions = [];
   closeExplanation();
   search();

@@ -108,7 +108,7 @@ def _described(
         width=width,
         height=height,
         label=record.label,
-        source=str(record.source),
+        source=request.app.state.service.store.public_source(str(record.source)),
         heatmap=heatmap,
         **item_urls(request, int(record.id)),
     )

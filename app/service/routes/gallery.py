@@ -35,6 +35,14 @@ from app.service.rendering import centre_crop, heatmap_model, overlay_png, thumb
 from app.service.schemas import AddedItem, AddResponse, DeleteResponse, ItemResponse
 from app.service.searching import heatmap_url, item_urls
 from app.service.state import ServiceState
+from index.errors import InvalidItemError
+from index.limits import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    check_label,
+    check_metadata,
+    nests_deeper,
+)
 
 __all__ = ["router"]
 
@@ -51,7 +59,7 @@ async def get_item(request: Request, state: State, item_id: ItemId) -> ItemRespo
     record = await item_record(state, item_id)
     return ItemResponse(
         id=int(record.id),
-        source=str(record.source),
+        source=state.store.public_source(str(record.source)),
         sha256=record.sha256,
         label=record.label,
         added_at=record.added_at,
@@ -147,6 +155,7 @@ async def add_items(
         )
     per_image_labels = _spread(labels or [], count, "labels")
     per_image_extra = _parse_metadata(metadata, count)
+    _check_items(per_image_labels, per_image_extra)  # before any upload is read or written
     blobs = [await read_upload(upload, settings) for upload in images]
 
     def decode_all() -> list[tuple[DecodedImage, Any]]:
@@ -175,6 +184,7 @@ async def add_items(
                     state.store.store_upload, data, one.sha256, _extension(one.format)
                 )
             )
+    written = [source for source in sources if source]
 
     def add(gallery: Any) -> tuple[Any, list[Any], int]:
         from index.gallery import ItemInput
@@ -193,7 +203,11 @@ async def add_items(
         gallery.save()
         return result, gallery.get_many(result.ids), len(gallery)
 
-    result, records, size = await state.store.run(add)
+    try:
+        result, records, size = await state.store.run(add)
+    except BaseException:  # nothing was added: the files written for it go too
+        await state.store.run(lambda gallery: state.store.discard_unreferenced(gallery, written))
+        raise
     state.metrics.gallery_items.set(size)
     duplicates = set(result.duplicates)  # input positions already in the gallery
     return AddResponse(
@@ -202,7 +216,7 @@ async def add_items(
                 id=int(record.id),
                 sha256=record.sha256,
                 label=record.label,
-                source=str(record.source),
+                source=state.store.public_source(str(record.source)),
                 duplicate=position in duplicates,
             )
             for position, record in enumerate(records)
@@ -250,9 +264,25 @@ def _spread(values: list[str], count: int, name: str) -> list[str | None]:
 
 
 def _parse_metadata(text: str | None, count: int) -> list[dict[str, Any] | None]:
-    """The metadata field as one JSON object per image (400 ``bad_metadata`` otherwise)."""
+    """The metadata field as one JSON object per image (400 ``bad_metadata`` otherwise).
+
+    Size and nesting are bounded on the text, before parsing: one object per image at most
+    ``MAX_METADATA_BYTES``, nested at most ``MAX_METADATA_DEPTH`` (one more for the list).
+    """
     if text is None or text == "":
         return [None] * count
+    limit = count * (MAX_METADATA_BYTES + 2) + 2
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > limit:
+        raise ApiError(
+            400,
+            "bad_metadata",
+            f"metadata is {size} bytes; the limit is {limit} for {count} images",
+        )
+    if nests_deeper(text, MAX_METADATA_DEPTH + 1):
+        raise ApiError(
+            400, "bad_metadata", f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels"
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -264,6 +294,18 @@ def _parse_metadata(text: str | None, count: int) -> list[dict[str, Any] | None]
     raise ApiError(
         400, "bad_metadata", f"metadata must be a JSON object or a list of {count} objects"
     )
+
+
+def _check_items(labels: list[str | None], extras: list[dict[str, Any] | None]) -> None:
+    """The gallery's label and metadata limits (:mod:`index.limits`), as 400 ``bad_labels`` or
+    ``bad_metadata`` naming the image, checked before anything is written."""
+    for position, (label, extra) in enumerate(zip(labels, extras, strict=True)):
+        try:
+            check_label(position, label)
+            check_metadata(position, extra)
+        except InvalidItemError as error:
+            code = "bad_labels" if error.field == "label" else "bad_metadata"
+            raise ApiError(400, code, f"image {position}: {error.field} {error.reason}") from None
 
 
 def _extension(image_format: str) -> str:
