@@ -1,0 +1,306 @@
+"""The bulk indexing job on Ray Data, to spread it over many GPUs and machines.
+
+The same job as :func:`index.build.build_gallery`, on another engine: the driver lists the
+files and splits them into blocks; CPU tasks read, hash and decode each block (files the gallery
+already holds are skipped by their sha256, as in the in-process job, so a rerun resumes); a pool
+of actors, one per GPU (or CPU actors), embeds the decoded batches; the results stream back to
+the driver, whose :class:`index.build.GalleryWriter` is the gallery's one writer (dedupe,
+failure report, snapshots). Ray retries a task or restarts an actor whose worker dies, and what
+reached the writer is kept whatever happens, so a rerun finishes an interrupted job.
+
+On a cluster every node must see the images at the same paths (a shared mount) and run this
+package with the ``ray`` extra; the network travels from the driver through Ray's object store,
+and the gallery is written where the driver runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.build import (
+    FAILURES_FILE,
+    BuildReport,
+    GalleryWriter,
+    list_files,
+    open_or_create,
+)
+from index.gallery import ItemInput
+
+__all__ = ["RAY_INSTALL_HINT", "RayUnavailableError", "build_gallery_on_ray"]
+
+RAY_INSTALL_HINT = "pip install 'gsp-retrieval[ray]'"
+# What the decode tasks hand the actors, beside the pixels, and the actors hand the writer.
+_FILE_COLUMNS = ("path", "label", "sha256", "status", "reason")
+
+
+class RayUnavailableError(RuntimeError):
+    """Ray is not installed: the message says how to install it."""
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise RayUnavailableError(
+            f"the Ray engine needs Ray, which is not installed: {RAY_INSTALL_HINT}"
+        ) from error
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[Any]:
+    """Ray, connected: to the cluster at ``address`` (``auto``: the one this machine belongs
+    to), or else to a Ray instance already started in this process, or else to a small local
+    instance (this machine's CPUs, no dashboard), shut down on exit."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    from model.hardware import usable_cpus
+
+    options: dict[str, Any] = {"address": address} if address else {"num_cpus": usable_cpus()}
+    ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def decode_files(
+    batch: dict[str, np.ndarray], known_ref: Any, preprocessing: Any
+) -> dict[str, np.ndarray]:
+    """A CPU task: read, hash and decode a block of files into the network's input tensors
+    (float32 bytes). A file whose sha256 is in the gallery is ``known``; one that cannot be read
+    or decoded is ``failed`` with the reason; neither stops the job."""
+    import ray
+    import torch
+
+    from index.images import decode_image
+    from model.transforms import eval_transform
+
+    torch.set_num_threads(1)
+    known = ray.get(known_ref)
+    transform = eval_transform(preprocessing)
+    min_side = int(preprocessing.resize_size)
+    rows: dict[str, list[Any]] = {name: [] for name in (*_FILE_COLUMNS, "pixels")}
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        sha256, status, reason, pixels = "", "ok", "", b""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            status, reason = "failed", f"unreadable: {error}"
+        else:
+            sha256 = hashlib.sha256(data).hexdigest()
+            if _contains(known, sha256):
+                status = "known"
+            else:
+                try:
+                    pixels = transform(decode_image(data, min_side)).numpy().tobytes()
+                except (ValueError, OSError) as error:  # ImageDecodeError is a ValueError
+                    status, reason = "failed", str(error)
+        for name, value in zip(
+            rows, (str(path), label, sha256, status, reason, pixels), strict=True
+        ):
+            rows[name].append(value)
+    return {name: _column(values) for name, values in rows.items()}
+
+
+def _contains(sorted_digests: np.ndarray, sha256: str) -> bool:
+    position = int(np.searchsorted(sorted_digests, sha256.encode()))
+    return position < len(sorted_digests) and sorted_digests[position] == sha256.encode()
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+class Embedder:
+    """An actor: embeds the decoded files of each batch with the driver's network (sent through
+    Ray's object store, so the nodes need no copy of the checkpoint); the other rows pass
+    through with zero vectors, for the writer to count and report."""
+
+    def __init__(self, net: Any, image_size: int, device: str) -> None:
+        import torch
+
+        from model.hardware import resolve_device
+
+        self.device = resolve_device(device)
+        self.net = net.to(self.device).eval()
+        self.input_shape = (3, image_size, image_size)
+        with torch.inference_mode():
+            probe = self.net(torch.zeros((1, *self.input_shape), device=self.device))
+        self.embedding_dim = probe.embedding.shape[1]
+        self.weights_shape = tuple(probe.weights.shape[1:])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ok = np.flatnonzero(batch["status"] == "ok")
+        embeddings = np.zeros((len(batch["status"]), self.embedding_dim), np.float32)
+        weights = np.zeros((len(batch["status"]), *self.weights_shape), np.float32)
+        if len(ok):
+            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.float32) for i in ok])
+            tensors = torch.from_numpy(pixels.reshape(len(ok), *self.input_shape))
+            with torch.inference_mode():
+                output = self.net(tensors.to(self.device, non_blocking=True))
+            embeddings[ok] = output.embedding.float().cpu().numpy()
+            weights[ok] = output.weights.float().cpu().numpy()
+        return {
+            **{name: batch[name] for name in _FILE_COLUMNS},
+            "embedding": embeddings,
+            "weights": weights,
+        }
+
+
+def build_gallery_on_ray(
+    images_dir: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    actors: int | str = "auto",
+    batch_size: int = 64,
+    device: str = "auto",
+    index_type: str = "auto",
+    report_path: str | os.PathLike[str] | None = None,
+    labels_from_subfolders: bool = False,
+    save_every: int = 50,
+    progress: bool = True,
+) -> BuildReport:
+    """Index every image under ``images_dir`` into the gallery ``out_dir`` (created if absent)
+    on Ray: the cluster at ``address``, or a local instance.
+
+    ``actors``: how many embedding actors (``auto``: one per GPU of the cluster, else one);
+    ``device``: ``auto`` embeds on GPUs when the cluster has any, ``cpu`` or ``cuda`` forces.
+    The other arguments are :func:`index.build.build_gallery`'s.
+    """
+    from model.checkpoint import load_checkpoint
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _import_ray()
+    files = list_files(images_dir, labels_from_subfolders)
+    out = Path(out_dir)
+    loaded = load_checkpoint(checkpoint_dir, device="cpu")
+    with (
+        open_or_create(out, loaded, index_type) as gallery,
+        ray_session(address) as ray,
+        GalleryWriter(
+            gallery,
+            len(files),
+            Path(report_path) if report_path else out / FAILURES_FILE,
+            save_every=save_every,
+            progress=progress,
+        ) as writer,
+    ):
+        if files:
+            known = np.array(sorted(gallery.known_sha256()), dtype="S64")
+            for batch in _embedded_batches(ray, files, known, loaded, actors, batch_size, device):
+                _write(writer, batch)
+    return writer.report()
+
+
+def _embedded_batches(
+    ray: Any,
+    files: list[tuple[Path, str | None]],
+    known: np.ndarray,
+    loaded: Any,
+    actors: int | str,
+    batch_size: int,
+    device: str,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray Data pipeline: blocks of files, decoded by CPU tasks, embedded by the actor
+    pool, streamed back to the driver in batches (in no particular order)."""
+    gpus = _gpus_per_actor(ray, device)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the writer shows the job's progress
+    context.print_on_execution_start = False
+    dataset = (
+        ray.data.from_items(
+            [{"path": str(path), "label": label} for path, label in files],
+            override_num_blocks=math.ceil(len(files) / batch_size),
+        )
+        .map_batches(
+            decode_files,
+            batch_size=None,
+            batch_format="numpy",
+            fn_kwargs={"known_ref": ray.put(known), "preprocessing": loaded.config.preprocessing},
+            num_cpus=1,
+            # Ray's default, spelt out: it also keeps the decode tasks apart from CPU actors,
+            # into which Ray Data would otherwise fuse them (one process decoding and embedding)
+            max_retries=3,
+        )
+        .map_batches(
+            Embedder,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "net": loaded.net,
+                "image_size": int(loaded.config.preprocessing.image_size),
+                "device": "cuda" if gpus else "cpu",
+            },
+            compute=ray.data.ActorPoolStrategy(size=_actor_count(ray, actors, gpus)),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+        )
+    )
+    yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def _write(writer: GalleryWriter, batch: dict[str, np.ndarray]) -> None:
+    status = batch["status"]
+    ok = np.flatnonzero(status == "ok")
+    failed = np.flatnonzero(status == "failed")
+    writer.write(
+        [
+            ItemInput(str(batch["path"][i]), str(batch["sha256"][i]), _label(batch["label"][i]))
+            for i in ok
+        ],
+        batch["embedding"][ok],
+        list(batch["weights"][ok]),
+        known=int(np.count_nonzero(status == "known")),
+        failed=[(str(batch["path"][i]), str(batch["reason"][i])) for i in failed],
+    )
+
+
+def _label(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _gpus_per_actor(ray: Any, device: str) -> int:
+    """1 when the actors embed on GPUs, 0 on CPUs; ``cuda`` without a GPU in the cluster is an
+    error now rather than actors that never start."""
+    from model.hardware import DeviceError, check_device_name
+
+    name = check_device_name(device)
+    available = int(ray.cluster_resources().get("GPU", 0))
+    if name == "auto":
+        return 1 if available else 0
+    if name.startswith("cuda"):
+        if not available:
+            raise DeviceError(f"device {device!r} was requested but the Ray cluster has no GPU")
+        return 1
+    return 0
+
+
+def _actor_count(ray: Any, actors: int | str, gpus: int) -> int:
+    if actors == "auto":
+        return max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1
+    try:
+        count = int(actors)
+    except ValueError:
+        raise ValueError(f"actors must be a count or 'auto', got {actors!r}") from None
+    if count <= 0:
+        raise ValueError(f"actors must be positive, got {actors!r}")
+    return count
