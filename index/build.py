@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ class _FileDataset(Dataset):
     def __init__(
         self,
         files: Sequence[tuple[Path, str | None]],
-        known: frozenset[str],
+        known: Container[str],
         preprocessing: Any,
         gpu_jpegs: bool = False,
     ) -> None:

@@ -16,7 +16,6 @@ and the gallery is written where the driver runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from index.build import (
     FAILURES_FILE,
     BuildReport,
     GalleryWriter,
+    _FileDataset,
     list_files,
     open_or_create,
 )
@@ -78,45 +78,42 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
 def decode_files(
     batch: dict[str, np.ndarray], known_ref: Any, preprocessing: Any
 ) -> dict[str, np.ndarray]:
-    """A CPU task: read, hash and decode a block of files into the network's input tensors
-    (float32 bytes). A file whose sha256 is in the gallery is ``known``; one that cannot be read
-    or decoded is ``failed`` with the reason; neither stops the job."""
+    """A CPU task: read, hash and decode a block of files to the network's uint8 crops, as the
+    in-process job's loader workers do (the same code). A file whose sha256 is in the gallery is
+    ``known``; one that cannot be read or decoded is ``failed`` with the reason; neither stops
+    the job."""
     import ray
     import torch
 
-    from index.images import decode_image
-    from model.transforms import eval_transform
-
     torch.set_num_threads(1)
-    known = ray.get(known_ref)
-    transform = eval_transform(preprocessing)
-    min_side = int(preprocessing.resize_size)
-    rows: dict[str, list[Any]] = {name: [] for name in (*_FILE_COLUMNS, "pixels")}
-    for path, label in zip(batch["path"], batch["label"], strict=True):
-        sha256, status, reason, pixels = "", "ok", "", b""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            status, reason = "failed", f"unreadable: {error}"
-        else:
-            sha256 = hashlib.sha256(data).hexdigest()
-            if _contains(known, sha256):
-                status = "known"
-            else:
-                try:
-                    pixels = transform(decode_image(data, min_side)).numpy().tobytes()
-                except (ValueError, OSError) as error:  # ImageDecodeError is a ValueError
-                    status, reason = "failed", str(error)
-        for name, value in zip(
-            rows, (str(path), label, sha256, status, reason, pixels), strict=True
-        ):
-            rows[name].append(value)
-    return {name: _column(values) for name, values in rows.items()}
+    files = [
+        (Path(path), _label(label))
+        for path, label in zip(batch["path"], batch["label"], strict=True)
+    ]
+    loader = _FileDataset(files, _SortedDigests(ray.get(known_ref)), preprocessing)
+    entries = [loader[position] for position in range(len(loader))]
+    # every text column holds strings, "" for none: a block whose labels (or reasons) are all
+    # None would otherwise reach Arrow as floats, which do not merge with other blocks' strings
+    columns = {
+        name: _column([entry.get(name) or "" for entry in entries]) for name in _FILE_COLUMNS
+    }
+    columns["crop"] = _column(
+        [entry["crop"].numpy().tobytes() if "crop" in entry else b"" for entry in entries]
+    )
+    return columns
 
 
-def _contains(sorted_digests: np.ndarray, sha256: str) -> bool:
-    position = int(np.searchsorted(sorted_digests, sha256.encode()))
-    return position < len(sorted_digests) and sorted_digests[position] == sha256.encode()
+class _SortedDigests:
+    """The gallery's sha256 digests as one sorted array: shared zero-copy by every decode task
+    through the object store, where a set of a million strings would be rebuilt in each."""
+
+    def __init__(self, digests: np.ndarray) -> None:
+        self.digests = digests
+
+    def __contains__(self, sha256: object) -> bool:
+        key = str(sha256).encode()
+        position = int(np.searchsorted(self.digests, key))
+        return position < len(self.digests) and self.digests[position] == key
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -125,21 +122,22 @@ def _column(values: list[Any]) -> np.ndarray:
     return column
 
 
-class Embedder:
+class EmbeddingActor:
     """An actor: embeds the decoded files of each batch with the driver's network (sent through
-    Ray's object store, so the nodes need no copy of the checkpoint); the other rows pass
-    through with zero vectors, for the writer to count and report."""
+    Ray's object store, so the nodes need no copy of the checkpoint) on the shared inference path
+    (:class:`model.inference.Embedder`); the other rows pass through with zero vectors, for the
+    writer to count and report."""
 
-    def __init__(self, net: Any, image_size: int, device: str) -> None:
+    def __init__(self, net: Any, preprocessing: Any, device: str, precision: str) -> None:
         import torch
 
         from model.hardware import resolve_device
+        from model.inference import Embedder
 
-        self.device = resolve_device(device)
-        self.net = net.to(self.device).eval()
-        self.input_shape = (3, image_size, image_size)
-        with torch.inference_mode():
-            probe = self.net(torch.zeros((1, *self.input_shape), device=self.device))
+        self.embedder = Embedder(net, preprocessing, resolve_device(device), precision)
+        size = int(preprocessing.image_size)
+        self.crop_shape = (size, size, 3)
+        probe = self.embedder(torch.zeros((1, *self.crop_shape), dtype=torch.uint8))
         self.embedding_dim = probe.embedding.shape[1]
         self.weights_shape = tuple(probe.weights.shape[1:])
 
@@ -150,12 +148,10 @@ class Embedder:
         embeddings = np.zeros((len(batch["status"]), self.embedding_dim), np.float32)
         weights = np.zeros((len(batch["status"]), *self.weights_shape), np.float32)
         if len(ok):
-            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.float32) for i in ok])
-            tensors = torch.from_numpy(pixels.reshape(len(ok), *self.input_shape))
-            with torch.inference_mode():
-                output = self.net(tensors.to(self.device, non_blocking=True))
-            embeddings[ok] = output.embedding.float().cpu().numpy()
-            weights[ok] = output.weights.float().cpu().numpy()
+            crops = np.stack([np.frombuffer(batch["crop"][i], np.uint8) for i in ok])
+            output = self.embedder(torch.from_numpy(crops.reshape(len(ok), *self.crop_shape)))
+            embeddings[ok] = output.embedding.cpu().numpy()
+            weights[ok] = output.weights.cpu().numpy()
         return {
             **{name: batch[name] for name in _FILE_COLUMNS},
             "embedding": embeddings,
@@ -172,6 +168,7 @@ def build_gallery_on_ray(
     actors: int | str = "auto",
     batch_size: int = 64,
     device: str = "auto",
+    precision: str = "auto",
     index_type: str = "auto",
     report_path: str | os.PathLike[str] | None = None,
     labels_from_subfolders: bool = False,
@@ -182,7 +179,8 @@ def build_gallery_on_ray(
     on Ray: the cluster at ``address``, or a local instance.
 
     ``actors``: how many embedding actors (``auto``: one per GPU of the cluster, else one);
-    ``device``: ``auto`` embeds on GPUs when the cluster has any, ``cpu`` or ``cuda`` forces.
+    ``device``: ``auto`` embeds on GPUs when the cluster has any, ``cpu`` or ``cuda`` forces;
+    ``precision`` as in :mod:`model.inference` (``auto``: fp16 on GPUs, fp32 on CPUs).
     The other arguments are :func:`index.build.build_gallery`'s.
     """
     from model.checkpoint import load_checkpoint
@@ -206,7 +204,17 @@ def build_gallery_on_ray(
     ):
         if files:
             known = np.array(sorted(gallery.known_sha256()), dtype="S64")
-            for batch in _embedded_batches(ray, files, known, loaded, actors, batch_size, device):
+            batches = _embedded_batches(
+                ray,
+                files,
+                known,
+                loaded,
+                actors=actors,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+            )
+            for batch in batches:
                 _write(writer, batch)
     return writer.report()
 
@@ -216,9 +224,11 @@ def _embedded_batches(
     files: list[tuple[Path, str | None]],
     known: np.ndarray,
     loaded: Any,
+    *,
     actors: int | str,
     batch_size: int,
     device: str,
+    precision: str,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data pipeline: blocks of files, decoded by CPU tasks, embedded by the actor
     pool, streamed back to the driver in batches (in no particular order)."""
@@ -242,13 +252,14 @@ def _embedded_batches(
             max_retries=3,
         )
         .map_batches(
-            Embedder,
+            EmbeddingActor,
             batch_size=batch_size,
             batch_format="numpy",
             fn_constructor_kwargs={
                 "net": loaded.net,
-                "image_size": int(loaded.config.preprocessing.image_size),
+                "preprocessing": loaded.config.preprocessing,
                 "device": "cuda" if gpus else "cpu",
+                "precision": precision,
             },
             compute=ray.data.ActorPoolStrategy(size=_actor_count(ray, actors, gpus)),
             num_gpus=gpus,
@@ -275,7 +286,8 @@ def _write(writer: GalleryWriter, batch: dict[str, np.ndarray]) -> None:
 
 
 def _label(value: Any) -> str | None:
-    return None if value is None else str(value)
+    """A label as it travels ("" or None for none; labels are subfolder names, never "")."""
+    return str(value) if value else None
 
 
 def _gpus_per_actor(ray: Any, device: str) -> int:

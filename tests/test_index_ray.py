@@ -65,9 +65,11 @@ def local_ray():
 
 
 def image_folder(root: Path, count: int) -> Path:
-    """``count`` tiny JPEGs in two labelled subfolders, one copy of a file, four bad files."""
+    """``count`` tiny JPEGs in two labelled subfolders and the unlabelled top level, one copy
+    of a file, four bad files."""
     write_images(root / "cats", range(count // 2))
-    write_images(root / "dogs", range(count // 2, count))
+    write_images(root / "dogs", range(count // 2, count - 2))
+    write_images(root, range(count - 2, count))
     (root / "dogs" / "copy.jpg").write_bytes(image_bytes(0))
     bad = root / "bad"
     bad.mkdir()
@@ -145,7 +147,7 @@ def test_a_gallery_of_another_model_is_refused(
 
 
 def embedding_actor_pids() -> list[int]:
-    """Ray names its worker processes after what they run: MapWorker(MapBatches(Embedder))."""
+    """Ray names its worker processes after what they run: MapWorker(MapBatches(EmbeddingActor))."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -153,7 +155,7 @@ def embedding_actor_pids() -> list[int]:
                 command = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if command.startswith(b"ray::MapWorker(MapBatches(Embedder))"):
+            if command.startswith(b"ray::MapWorker(MapBatches(EmbeddingActor))"):
                 pids.append(int(entry.name))
     return pids
 
