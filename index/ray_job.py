@@ -131,10 +131,15 @@ class EmbeddingActor:
     def __init__(self, net: Any, preprocessing: Any, device: str, precision: str) -> None:
         import torch
 
-        from model.hardware import resolve_device
+        from model.hardware import resolve_device, usable_cpus
         from model.inference import Embedder
 
-        self.embedder = Embedder(net, preprocessing, resolve_device(device), precision)
+        target = resolve_device(device)
+        if target.type == "cpu":
+            # Ray limits a one-CPU worker to one thread; on CPUs the network computes on every
+            # core of its node, sharing them with the decode tasks, as the in-process job does
+            torch.set_num_threads(usable_cpus())
+        self.embedder = Embedder(net, preprocessing, target, precision)
         size = int(preprocessing.image_size)
         self.crop_shape = (size, size, 3)
         probe = self.embedder(torch.zeros((1, *self.crop_shape), dtype=torch.uint8))
