@@ -152,45 +152,32 @@ def _fail(message: str) -> int:
 def _build(args: argparse.Namespace) -> int:
     from index.build import build_gallery
     from index.errors import GalleryError
+    from index.ray_job import RayUnavailableError, build_gallery_on_ray
 
-    common = {
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "precision": args.precision,
-        "index_type": args.index_type,
-        "report_path": args.report,
-        "labels_from_subfolders": args.labels_from_subfolders,
-        "progress": not args.no_progress,
-    }
     if args.engine != "ray" and args.address:
         return _fail("--address needs --engine ray")
     if args.engine == "ray" and args.decode != "cpu":
         return _fail("--engine ray decodes in CPU tasks: --decode gpu is for the in-process job")
+    build, engine_options = (
+        (build_gallery_on_ray, {"address": args.address, "actors": args.actors})
+        if args.engine == "ray"
+        else (build_gallery, {"workers": args.workers, "decode": args.decode})
+    )
     try:
-        if args.engine == "ray":
-            from index.ray_job import RayUnavailableError, build_gallery_on_ray
-
-            try:
-                report = build_gallery_on_ray(
-                    args.images,
-                    args.checkpoint,
-                    args.gallery,
-                    address=args.address,
-                    actors=args.actors,
-                    **common,
-                )
-            except RayUnavailableError as error:
-                return _fail(str(error))
-        else:
-            report = build_gallery(
-                args.images,
-                args.checkpoint,
-                args.gallery,
-                workers=args.workers,
-                decode=args.decode,
-                **common,
-            )
-    except (GalleryError, OSError, ValueError) as error:
+        report = build(
+            args.images,
+            args.checkpoint,
+            args.gallery,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            index_type=args.index_type,
+            report_path=args.report,
+            labels_from_subfolders=args.labels_from_subfolders,
+            progress=not args.no_progress,
+            **engine_options,
+        )
+    except (GalleryError, OSError, ValueError, RayUnavailableError) as error:
         return _fail(str(error))
     print(report.summary())
     return 0
