@@ -59,15 +59,18 @@ def _import_ray() -> Any:
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
     """Ray, connected: to the cluster at ``address`` (``auto``: the one this machine belongs
-    to), or else to a Ray instance already started in this process, or else to a small local
-    instance (this machine's CPUs, no dashboard), shut down on exit."""
+    to; default: ``RAY_ADDRESS`` when set, as for any Ray program), or else to a Ray instance
+    already started in this process, or else to a small local instance (this machine's CPUs, no
+    dashboard), shut down on exit."""
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
     from model.hardware import usable_cpus
 
-    options: dict[str, Any] = {"address": address} if address else {"num_cpus": usable_cpus()}
+    address = address or os.environ.get("RAY_ADDRESS")
+    # at least two logical CPUs: one for a CPU embedding actor, one for the decode tasks
+    options = {"address": address} if address else {"num_cpus": max(2, usable_cpus())}
     ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         yield ray
@@ -196,31 +199,30 @@ def build_gallery_on_ray(
     files = list_files(images_dir, labels_from_subfolders)
     out = Path(out_dir)
     loaded = load_checkpoint(checkpoint_dir, device="cpu")
-    with (
-        open_or_create(out, loaded, index_type) as gallery,
-        ray_session(address) as ray,
-        GalleryWriter(
+    with open_or_create(out, loaded, index_type) as gallery, ray_session(address) as ray:
+        gpus = _gpus_per_actor(ray, device)  # checked before the writer starts a new report
+        count = _actor_count(ray, actors, gpus)
+        with GalleryWriter(
             gallery,
             len(files),
             Path(report_path) if report_path else out / FAILURES_FILE,
             save_every=save_every,
             progress=progress,
-        ) as writer,
-    ):
-        if files:
-            known = np.array(sorted(gallery.known_sha256()), dtype="S64")
-            batches = _embedded_batches(
-                ray,
-                files,
-                known,
-                loaded,
-                actors=actors,
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
-            )
-            for batch in batches:
-                _write(writer, batch)
+        ) as writer:
+            if files:
+                known = np.array(sorted(gallery.known_sha256()), dtype="S64")
+                batches = _embedded_batches(
+                    ray,
+                    files,
+                    known,
+                    loaded,
+                    gpus=gpus,
+                    actors=count,
+                    batch_size=batch_size,
+                    precision=precision,
+                )
+                for batch in batches:
+                    _write(writer, batch)
     return writer.report()
 
 
@@ -230,14 +232,14 @@ def _embedded_batches(
     known: np.ndarray,
     loaded: Any,
     *,
-    actors: int | str,
+    gpus: int,
+    actors: int,
     batch_size: int,
-    device: str,
     precision: str,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The Ray Data pipeline: blocks of files, decoded by CPU tasks, embedded by the actor
-    pool, streamed back to the driver in batches (in no particular order)."""
-    gpus = _gpus_per_actor(ray, device)
+    """The Ray Data pipeline: blocks of files, decoded by CPU tasks, embedded by ``actors``
+    actors (holding ``gpus`` GPUs each), streamed back to the driver in batches (in no
+    particular order)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the writer shows the job's progress
     context.print_on_execution_start = False
@@ -252,9 +254,10 @@ def _embedded_batches(
             batch_format="numpy",
             fn_kwargs={"known_ref": ray.put(known), "preprocessing": loaded.config.preprocessing},
             num_cpus=1,
-            # Ray's default, spelt out: it also keeps the decode tasks apart from CPU actors,
-            # into which Ray Data would otherwise fuse them (one process decoding and embedding)
-            max_retries=3,
+            # Ray's default for CPU tasks (a worker runs any number of them), spelt out: it also
+            # keeps the decode tasks apart from CPU actors, into which Ray Data would otherwise
+            # fuse them (one process decoding and embedding in turn)
+            max_calls=0,
         )
         .map_batches(
             EmbeddingActor,
@@ -266,7 +269,7 @@ def _embedded_batches(
                 "device": "cuda" if gpus else "cpu",
                 "precision": precision,
             },
-            compute=ray.data.ActorPoolStrategy(size=_actor_count(ray, actors, gpus)),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
             num_cpus=0 if gpus else 1,
         )
@@ -312,12 +315,21 @@ def _gpus_per_actor(ray: Any, device: str) -> int:
 
 
 def _actor_count(ray: Any, actors: int | str, gpus: int) -> int:
+    """How many embedding actors; CPU actors hold a CPU each, and must leave the decode tasks
+    at least one (else the job would wait for ever)."""
+    resources = ray.cluster_resources()
     if actors == "auto":
-        return max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1
+        return max(1, int(resources.get("GPU", 0))) if gpus else 1
     try:
         count = int(actors)
     except ValueError:
         raise ValueError(f"actors must be a count or 'auto', got {actors!r}") from None
     if count <= 0:
         raise ValueError(f"actors must be positive, got {actors!r}")
+    cpus = int(resources.get("CPU", 0))
+    if not gpus and count >= cpus:
+        raise ValueError(
+            f"{count} CPU actors would leave none of the cluster's {cpus} CPUs to decoding: "
+            f"use at most {max(1, cpus - 1)}"
+        )
     return count

@@ -146,6 +146,24 @@ def test_a_gallery_of_another_model_is_refused(
         build_gallery_on_ray(tmp_path / "images", checkpoint, tmp_path / "g", progress=False)
 
 
+def test_actors_or_devices_the_cluster_cannot_run_are_refused_before_any_work(
+    tmp_path: Path, checkpoint: Path, local_ray: None
+) -> None:
+    from index.build import open_or_create
+    from model.checkpoint import load_checkpoint
+    from model.hardware import DeviceError
+
+    write_images(tmp_path / "images", range(2))
+    open_or_create(tmp_path / "g", load_checkpoint(checkpoint, device="cpu")).close()
+    (tmp_path / "g" / "build-failures.jsonl").write_text("the previous run's report\n")
+    job = {"images_dir": tmp_path / "images", "checkpoint_dir": checkpoint, "progress": False}
+    with pytest.raises(ValueError, match="leave none of the cluster's 2 CPUs to decoding"):
+        build_gallery_on_ray(out_dir=tmp_path / "g", actors=2, device="cpu", **job)
+    with pytest.raises(DeviceError, match="the Ray cluster has no GPU"):
+        build_gallery_on_ray(out_dir=tmp_path / "g", device="cuda", **job)
+    assert (tmp_path / "g" / "build-failures.jsonl").read_text() == "the previous run's report\n"
+
+
 def embedding_actor_pids() -> list[int]:
     """Ray names its worker processes after what they run: MapWorker(MapBatches(EmbeddingActor))."""
     pids = []
