@@ -34,7 +34,7 @@ from index.build import (
 )
 from index.gallery import ItemInput
 
-__all__ = ["RAY_INSTALL_HINT", "RayUnavailableError", "build_gallery_on_ray"]
+__all__ = ["RAY_INSTALL_HINT", "RayUnavailableError", "build_gallery_on_ray", "ray_session"]
 
 RAY_INSTALL_HINT = "pip install 'gsp-retrieval[ray]'"
 # What the decode tasks hand the actors, beside the pixels, and the actors hand the writer.
@@ -58,10 +58,10 @@ def _import_ray() -> Any:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
-    """Ray, connected: to the cluster at ``address`` (``auto``: the one this machine belongs
-    to; default: ``RAY_ADDRESS`` when set, as for any Ray program), or else to a Ray instance
-    already started in this process, or else to a small local instance (this machine's CPUs, no
-    dashboard), shut down on exit."""
+    """Ray, connected: the instance this process already started (a notebook's, a test's), else
+    the cluster at ``address`` (``auto``: the one this machine joined; default: ``RAY_ADDRESS``
+    when set, as for any Ray program), else a small local instance (this machine's CPUs, no
+    dashboard) shut down on exit."""
     ray = _import_ray()
     if ray.is_initialized():
         yield ray

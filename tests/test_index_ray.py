@@ -209,11 +209,7 @@ def test_a_worker_killed_mid_job_still_ends_in_a_complete_gallery(
 
     killer = threading.Thread(target=kill_the_embedding_actor_once_items_are_written)
     killer.start()
-    try:
-        report = build_gallery_on_ray(
-            images, checkpoint, tmp_path / "g", batch_size=8, progress=False
-        )
-    except Exception:  # Ray gave up: a rerun resumes where the writer stopped
+    try:  # Ray restarts the actor and retries its batches: the job itself finishes
         report = build_gallery_on_ray(
             images, checkpoint, tmp_path / "g", batch_size=8, progress=False
         )
