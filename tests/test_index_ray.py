@@ -56,6 +56,26 @@ def test_without_ray_the_command_line_says_how_to_install_it(
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--address", "auto"], "--address needs --engine ray"),
+        (["--actors", "2"], "--actors needs --engine ray"),
+        (["--engine", "ray", "--workers", "3"], "--workers sizes the in-process job's loader"),
+        (["--engine", "ray", "--decode", "gpu"], "--decode gpu is for the in-process job"),
+    ],
+)
+def test_one_engines_options_are_refused_for_the_other(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], options, message
+) -> None:
+    from app.cli import main
+
+    arguments = ["index", "build", "--images", str(tmp_path), "--checkpoint", str(checkpoint)]
+    assert main([*arguments, "--gallery", str(tmp_path / "g"), *options]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One real local Ray instance for the module (it takes seconds to start)."""

@@ -158,6 +158,10 @@ def _build(args: argparse.Namespace) -> int:
         return _fail("--address needs --engine ray")
     if args.engine == "ray" and args.decode != "cpu":
         return _fail("--engine ray decodes in CPU tasks: --decode gpu is for the in-process job")
+    if args.engine == "ray" and args.workers != "auto":
+        return _fail("--workers sizes the in-process job's loader; Ray runs a decode task per CPU")
+    if args.engine != "ray" and args.actors != "auto":
+        return _fail("--actors needs --engine ray")
     build, engine_options = (
         (build_gallery_on_ray, {"address": args.address, "actors": args.actors})
         if args.engine == "ray"
