@@ -18,7 +18,7 @@ import argparse
 import statistics
 import time
 
-from bench.bulk import CACHE, machine, photo_folder, run_job
+from bench.bulk import CACHE, bench_config, machine, photo_folder, run_job
 
 
 def main() -> None:
@@ -35,20 +35,12 @@ def main() -> None:
     from index.build import build_gallery
     from index.ray_job import build_gallery_on_ray
     from model.checkpoint import save_checkpoint
-    from model.config import ModelConfig, Preprocessing
     from model.hardware import usable_cpus
     from model.net import build_embedding_net
 
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}, ray {ray.__version__}", flush=True)
-    config = ModelConfig(
-        backbone=args.backbone,
-        pretrained=False,
-        embedding_dim=512,
-        preprocessing=Preprocessing(
-            image_size=args.image_size, resize_size=args.image_size * 8 // 7
-        ),
-    )
+    config = bench_config(args.backbone, args.image_size)
     checkpoint = CACHE / f"ckpt-{args.backbone}-{args.image_size}"
     save_checkpoint(checkpoint, build_embedding_net(config).eval(), config)
     folder = photo_folder("800x600", args.images)
