@@ -29,8 +29,11 @@ ARG TARGET
 # Where the CPU target takes torch from; empty: the package index's torch (a CUDA build, which
 # also runs on a CPU but is about 5 GB larger).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional extras, comma-separated: EXTRAS=ray for the nodes and driver of a Ray cluster
+# (docker-compose.ray.yml); the default image has none.
+ARG EXTRAS=""
 COPY pyproject.toml docker/requirements.py /src/
-RUN python3 /src/requirements.py /src/pyproject.toml "$TARGET" "$TORCH_INDEX_URL" \
+RUN python3 /src/requirements.py /src/pyproject.toml "$TARGET" "$TORCH_INDEX_URL" "$EXTRAS" \
     > /requirements.txt
 
 # ---- the virtual environment with the dependencies ------------------------------------------

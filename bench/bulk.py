@@ -335,23 +335,27 @@ def main() -> None:
             )
 
 
+def bench_config(backbone: str, image_size: int) -> Any:
+    """The jobs' model: an untrained ``backbone`` GSP net, 512-d, at ``image_size``."""
+    from model.config import ModelConfig, Preprocessing
+
+    return ModelConfig(
+        backbone=backbone,
+        pretrained=False,
+        embedding_dim=512,
+        preprocessing=Preprocessing(image_size=image_size, resize_size=image_size * 8 // 7),
+    )
+
+
 def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
     from index.build import build_gallery
     from model.checkpoint import save_checkpoint
-    from model.config import ModelConfig, Preprocessing
     from model.hardware import resolve_device, usable_cpus
     from model.inference import Embedder
     from model.net import build_embedding_net
 
     device = resolve_device(args.device)
-    config = ModelConfig(
-        backbone=args.backbone,
-        pretrained=False,
-        embedding_dim=512,
-        preprocessing=Preprocessing(
-            image_size=args.image_size, resize_size=args.image_size * 8 // 7
-        ),
-    )
+    config = bench_config(args.backbone, args.image_size)
     folders = {"800x600": photo_folder("800x600", args.images)}
     if args.large:
         folders["4000x3000"] = photo_folder("4000x3000", args.large)

@@ -15,11 +15,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -37,8 +38,10 @@ PREFETCH_BATCHES = 4
 __all__ = [
     "FAILURES_FILE",
     "BuildReport",
+    "GalleryWriter",
     "build_gallery",
     "index_files",
+    "list_files",
     "open_for_model",
     "open_or_create",
 ]
@@ -78,7 +81,7 @@ class _FileDataset(Dataset):
     def __init__(
         self,
         files: Sequence[tuple[Path, str | None]],
-        known: frozenset[str],
+        known: Container[str],
         preprocessing: Any,
         gpu_jpegs: bool = False,
     ) -> None:
@@ -180,6 +183,84 @@ def open_or_create(out_dir: Path, loaded: Any, index_type: str = "auto") -> Gall
     )
 
 
+class GalleryWriter:
+    """The one writer of a bulk job, whatever engine embeds: adds each embedded batch (the
+    gallery drops duplicates), writes each failed file to the report, counts files already
+    indexed, snapshots every ``save_every`` batches and, whatever happens, at the end.
+
+    Use as a context manager; :meth:`report` gives the counts once it is closed.
+    """
+
+    def __init__(
+        self,
+        gallery: Gallery,
+        total_files: int,
+        failures_path: Path,
+        *,
+        save_every: int = 50,
+        progress: bool = True,
+    ) -> None:
+        self.gallery = gallery
+        self.total_files = total_files
+        self.failures_path = failures_path
+        self.save_every = save_every
+        self.counts = {"indexed": 0, "known": 0, "duplicates": 0, "failed": 0}
+        self._batches = 0
+        self._started = time.perf_counter()
+        self._progress = progress
+
+    def __enter__(self) -> GalleryWriter:
+        self.failures_path.parent.mkdir(parents=True, exist_ok=True)
+        self._failures = self.failures_path.open("w", encoding="utf-8")
+        self._bar = tqdm(
+            total=self.total_files, unit="img", desc="indexing", disable=not self._progress
+        )
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            self._bar.close()
+            self._failures.close()
+        finally:
+            self.gallery.save()
+
+    def write(
+        self,
+        items: Sequence[ItemInput],
+        embeddings: np.ndarray,
+        weights: Sequence[np.ndarray],
+        *,
+        known: int = 0,
+        failed: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """One batch: ``items`` embedded as ``embeddings`` and ``weights`` (row by row),
+        ``known`` files skipped as already in the gallery, ``failed`` (path, reason) pairs."""
+        for path, reason in failed:
+            self._failures.write(json.dumps({"path": path, "reason": reason}) + "\n")
+        self.counts["failed"] += len(failed)
+        self.counts["known"] += known
+        if items:
+            result = self.gallery.add(embeddings, list(weights), list(items))
+            self.counts["indexed"] += result.added
+            self.counts["duplicates"] += len(result.duplicates)
+        self._batches += 1
+        if self._batches % self.save_every == 0:
+            self.gallery.save()
+        self._bar.update(len(items) + known + len(failed))
+
+    def report(self) -> BuildReport:
+        return BuildReport(
+            total_files=self.total_files,
+            indexed=self.counts["indexed"],
+            already_indexed=self.counts["known"],
+            duplicates=self.counts["duplicates"],
+            failed=self.counts["failed"],
+            gallery_count=len(self.gallery),
+            elapsed_s=time.perf_counter() - self._started,
+            failures_path=self.failures_path,
+        )
+
+
 def index_files(
     gallery: Gallery,
     loaded: Any,
@@ -204,7 +285,9 @@ def index_files(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if decode not in DECODERS:
         raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
-    started = time.perf_counter()
+    writer = GalleryWriter(
+        gallery, len(files), failures_path, save_every=save_every, progress=progress
+    )
     target = resolve_device(device)
     if decode == "gpu" and target.type != "cuda":
         raise ValueError("decode 'gpu' needs a CUDA device; use decode 'cpu'")
@@ -225,43 +308,23 @@ def index_files(
         worker_init_fn=_init_worker if num_workers else None,
         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
     )
-    counts = {"indexed": 0, "known": 0, "duplicates": 0, "failed": 0}
-    failures_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(files), unit="img", desc="indexing", disable=not progress)
-    try:
-        with failures_path.open("w", encoding="utf-8") as failures:
-            for number, batch in enumerate(loader, 1):
-                ok, crops, undecoded = _device_batch(batch, embedder, dataset.min_side)
-                for entry in [*batch["failed"], *undecoded]:
-                    failures.write(json.dumps({"path": entry["path"], "reason": entry["reason"]}))
-                    failures.write("\n")
-                counts["failed"] += len(batch["failed"]) + len(undecoded)
-                counts["known"] += batch["known"]
-                if crops is not None:
-                    output = embedder(crops)
-                    result = gallery.add(
-                        output.embedding.cpu().numpy(),
-                        list(output.weights.cpu().numpy()),
-                        [ItemInput(e["path"], e["sha256"], e["label"]) for e in ok],
-                    )
-                    counts["indexed"] += result.added
-                    counts["duplicates"] += len(result.duplicates)
-                if number % save_every == 0:
-                    gallery.save()
-                bar.update(len(batch["ok"]) + batch["known"] + len(batch["failed"]))
-    finally:
-        bar.close()
-        gallery.save()
-    return BuildReport(
-        total_files=len(files),
-        indexed=counts["indexed"],
-        already_indexed=counts["known"],
-        duplicates=counts["duplicates"],
-        failed=counts["failed"],
-        gallery_count=len(gallery),
-        elapsed_s=time.perf_counter() - started,
-        failures_path=failures_path,
-    )
+    with writer:
+        for batch in loader:
+            ok, crops, undecoded = _device_batch(batch, embedder, dataset.min_side)
+            items = [ItemInput(e["path"], e["sha256"], e["label"]) for e in ok]
+            embeddings, weights = np.empty((0, 0), np.float32), []
+            if crops is not None:
+                output = embedder(crops)
+                embeddings = output.embedding.cpu().numpy()
+                weights = list(output.weights.cpu().numpy())
+            writer.write(
+                items,
+                embeddings,
+                weights,
+                known=batch["known"],
+                failed=[(e["path"], e["reason"]) for e in [*batch["failed"], *undecoded]],
+            )
+    return writer.report()
 
 
 def build_gallery(
@@ -287,11 +350,7 @@ def build_gallery(
     """
     from model.checkpoint import load_checkpoint
 
-    root = Path(images_dir)
-    files = [
-        (path, _label_of(path, root) if labels_from_subfolders else None)
-        for path in find_images(root)
-    ]
+    files = list_files(images_dir, labels_from_subfolders)
     out = Path(out_dir)
     loaded = load_checkpoint(checkpoint_dir, device="cpu")
     gallery = open_or_create(out, loaded, index_type)
@@ -311,6 +370,18 @@ def build_gallery(
         )
     finally:
         gallery.close()
+
+
+def list_files(
+    images_dir: str | os.PathLike[str], labels_from_subfolders: bool = False
+) -> list[tuple[Path, str | None]]:
+    """``(path, label)`` for every image under ``images_dir``, in a stable sorted order; the
+    label is the first-level subfolder's name with ``labels_from_subfolders``, else None."""
+    root = Path(images_dir)
+    return [
+        (path, _label_of(path, root) if labels_from_subfolders else None)
+        for path in find_images(root)
+    ]
 
 
 def _label_of(path: Path, root: Path) -> str | None:

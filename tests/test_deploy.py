@@ -445,3 +445,33 @@ def test_readme_compose_commands_name_real_services_and_files() -> None:
         service = next(word for word in words[words.index(action) + 1 :] if word in services)
         if "profiles" in services[service]:
             assert "--profile" in words, f"{line}: {service} needs its profile"
+
+
+def test_the_ray_compose_file_runs_the_indexer_job_on_the_cluster() -> None:
+    """docker-compose.ray.yml: valid compose, an image with the ray extra for every service,
+    and an indexer that runs the usual job (gsp-reindex) with --engine ray on the cluster."""
+    path = ROOT / "docker-compose.ray.yml"
+    result = _check_compose(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    assert {"ray-head", "ray-worker", "indexer"} <= set(services)
+    for service in services.values():
+        assert service["build"]["args"]["EXTRAS"] == "ray"
+        assert service["environment"]["RAY_AUTH_MODE"] == "token"
+    indexer = services["indexer"]
+    script = indexer["entrypoint"][2]
+    assert "ray start --address=ray-head:6379" in script and 'exec gsp-reindex "$$@"' in script
+    argv = _gsp_argv(["gsp-reindex"], indexer["command"], "ray indexer")
+    _assert_gsp_accepts(argv, "docker-compose.ray.yml indexer")
+    assert option_value(argv, "--engine") == "ray" and option_value(argv, "--address") == "auto"
+    requirements = _docker_module("requirements").requirements
+    pyproject = ROOT / "pyproject.toml"
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["ray"]
+    assert requirements(pyproject, "cuda", "", "ray")[-len(extra) :] == extra
+    assert not any("ray" in line for line in requirements(pyproject, "cuda", ""))
+    with pytest.raises(SystemExit):
+        requirements(pyproject, "cuda", "", "no-such-extra")
+
+
+def option_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]

@@ -49,6 +49,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--report", type=Path, help="failures as JSON lines (default: in the gallery directory)"
     )
+    build.add_argument(
+        "--engine",
+        default="inprocess",
+        choices=("inprocess", "ray"),
+        help="inprocess (default): this process and its loader workers; ray: Ray Data (CPU "
+        "decode tasks, a pool of embedding actors) on a local Ray instance or the cluster at "
+        "--address (needs the ray extra: pip install 'gsp-retrieval[ray]')",
+    )
+    build.add_argument(
+        "--address",
+        help="with --engine ray: the Ray cluster to run on (HOST:PORT, ray://HOST:10001, or auto); "
+        "default: a local Ray instance started for the job",
+    )
+    build.add_argument(
+        "--actors",
+        default="auto",
+        help="with --engine ray: embedding actors (auto: one per GPU of the cluster, else one)",
+    )
     build.set_defaults(handler=_build)
 
     add = commands.add_parser("add", help="add image files or folders to an existing gallery")
@@ -134,23 +152,36 @@ def _fail(message: str) -> int:
 def _build(args: argparse.Namespace) -> int:
     from index.build import build_gallery
     from index.errors import GalleryError
+    from index.ray_job import RayUnavailableError, build_gallery_on_ray
 
+    if args.engine != "ray" and args.address:
+        return _fail("--address needs --engine ray")
+    if args.engine == "ray" and args.decode != "cpu":
+        return _fail("--engine ray decodes in CPU tasks: --decode gpu is for the in-process job")
+    if args.engine == "ray" and args.workers != "auto":
+        return _fail("--workers sizes the in-process job's loader; Ray runs a decode task per CPU")
+    if args.engine != "ray" and args.actors != "auto":
+        return _fail("--actors needs --engine ray")
+    build, engine_options = (
+        (build_gallery_on_ray, {"address": args.address, "actors": args.actors})
+        if args.engine == "ray"
+        else (build_gallery, {"workers": args.workers, "decode": args.decode})
+    )
     try:
-        report = build_gallery(
+        report = build(
             args.images,
             args.checkpoint,
             args.gallery,
             batch_size=args.batch_size,
-            workers=args.workers,
             device=args.device,
             precision=args.precision,
-            decode=args.decode,
             index_type=args.index_type,
             report_path=args.report,
             labels_from_subfolders=args.labels_from_subfolders,
             progress=not args.no_progress,
+            **engine_options,
         )
-    except (GalleryError, OSError, ValueError) as error:
+    except (GalleryError, OSError, ValueError, RayUnavailableError) as error:
         return _fail(str(error))
     print(report.summary())
     return 0
