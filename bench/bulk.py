@@ -19,8 +19,8 @@ Printed, in one run and one process:
   and, since wall-clock rates on a shared machine follow everyone else's load, the job's CPU
   time per image (its process and its workers) against the model's plus the decoder's: the
   pipeline's overhead in work, whatever the load;
-- the Ray job (``--ray``): ``index.ray_job.build_gallery`` with ``build_gallery``'s arguments,
-  when that module exists, on the same folder;
+- the Ray job (``--ray``, CPU decoding only): ``index.ray_job.build_gallery_on_ray`` on the same
+  folder (``bench/bulk_ray.py`` alternates the two jobs and times Ray's start-up apart);
 - the write path per 1,000 items at 1k, 10k, 100k and 1M items (``--max-items`` caps it):
   synthetic unit vectors into a ``flat`` gallery (index type fixed), ``Gallery.add`` of 1,000
   items then ``Gallery.save`` (median over blocks of saves that carried the index by hard link;
@@ -171,14 +171,20 @@ def run_job(
     return float(report.images_per_s), 1000 * (cpu_seconds() - cpu) / report.indexed
 
 
-def ray_build() -> Callable[..., Any] | None:
-    """The Ray job's entry point where index.ray_job provides one, else None."""
-    try:
-        from index import ray_job
-    except ImportError:
-        return None
-    build: Callable[..., Any] | None = getattr(ray_job, "build_gallery", None)
-    return build
+def ray_job(
+    images_dir: Path,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    *,
+    workers: str,
+    decode: str,
+    **options: Any,
+) -> Any:
+    """The Ray job called like the in-process one: Ray sizes its own decode tasks (``workers``
+    has no meaning there) and decodes on the CPU."""
+    from index.ray_job import build_gallery_on_ray
+
+    return build_gallery_on_ray(images_dir, checkpoint_dir, out_dir, **options)
 
 
 def fill_store(directory: Path, start: int, stop: int, dim: int) -> None:
@@ -400,11 +406,7 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
     cores = usable_cpus()
     jobs: dict[str, Callable[..., Any]] = {"in-process": build_gallery}
     if args.ray:
-        ray = ray_build()
-        if ray is None:
-            print("Ray job: index.ray_job.build_gallery is not available in this checkout")
-        else:
-            jobs["ray"] = ray
+        jobs["ray"] = ray_job
     table = [
         f"\n== jobs ({precision}, batch {args.batch_size}, workers {args.workers})",
         "| files | job | decode | images/s | / model M | / 1/(1/M + 1/D) | CPU ms per image "
@@ -425,6 +427,7 @@ def bench_jobs(args: argparse.Namespace, sections: set[str]) -> None:
             )
             for job, build in jobs.items()
             for decode in args.decode.split(",")
+            if job != "ray" or decode == "cpu"
             for run in range(1, args.job_runs + 1)
         }
         time_model()  # again after the jobs: the faster of the two is the ratios' M
