@@ -8,6 +8,11 @@ is derived from it and saved as an atomic snapshot. On open the index is reconci
 database — items added after the last snapshot are inserted from their stored exact embeddings,
 removed ones dropped — so a kill at any moment, during a save included, leaves a loadable and
 consistent gallery that has lost at most the call in flight.
+
+Other processes may hold the gallery open read-only while one writes it:
+:meth:`Gallery.refresh` takes in what the writer committed since (the database is shared, the
+in-memory index is brought in line), and :func:`disk_state` says when the files themselves
+were replaced (a new snapshot, a rebuild in place), which calls for opening it again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from index.errors import GalleryCorruptError, GalleryReadOnlyError
 from index.format import check_openable
 from index.layout import (
+    CURRENT,
     DATABASE,
     IDS_FILE,
     INDEX_FILE,
@@ -58,7 +64,16 @@ from index.vectors import (
     resolve_index_type,
 )
 
-__all__ = ["IDS_FILE", "AddResult", "Gallery", "ItemInput", "ItemRecord", "Manifest", "Match"]
+__all__ = [
+    "IDS_FILE",
+    "AddResult",
+    "Gallery",
+    "ItemInput",
+    "ItemRecord",
+    "Manifest",
+    "Match",
+    "disk_state",
+]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NORM_TOLERANCE = 1e-3
@@ -122,6 +137,11 @@ class Gallery:
         self._vectors = vectors
         self._lock = threading.RLock()
         self._lock_fd = lock_fd
+        # Ids the index held at the last reconcile, and the database's commit counter then:
+        # what :meth:`refresh` compares against.
+        self._synced_ids = np.zeros(0, dtype=np.int64)
+        self._data_version = store.data_version()
+        self.opened_state = disk_state(directory)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -197,6 +217,7 @@ class Gallery:
         expected_fingerprint: str | None = None,
         expected_preprocessing: Any | None = None,
         read_only: bool = False,
+        immutable: bool = False,
     ) -> Gallery:
         """Load a gallery, refusing one built by another model or preprocessing.
 
@@ -207,7 +228,11 @@ class Gallery:
         Raises :class:`GalleryNotFoundError`, :class:`GalleryCorruptError`,
         :class:`GalleryFormatError`, :class:`GalleryMismatchError` (naming both fingerprints)
         or :class:`GalleryLockedError`.
+
+        ``immutable`` (read-only implied) is for a published gallery that nothing writes: its
+        database is read without locks (see :mod:`index.publish`).
         """
+        read_only = read_only or immutable
         path = Path(directory)
         snapshot, manifest = load_manifest(path)
         check_compatible(manifest, expected_fingerprint, expected_preprocessing)
@@ -216,7 +241,7 @@ class Gallery:
         try:
             if not (path / DATABASE).is_file():
                 raise GalleryCorruptError(f"gallery {path}: {DATABASE} is missing")
-            store = MetadataStore(path / DATABASE, read_only=read_only)
+            store = MetadataStore(path / DATABASE, read_only=read_only, immutable=immutable)
             check_openable(
                 path, manifest.format_version, store.format_version(), writable=not read_only
             )
@@ -432,6 +457,25 @@ class Gallery:
         with self._lock:
             return self._store.labels()
 
+    def refresh(self) -> bool:
+        """Read-only galleries: take in the items another process added or removed since the
+        last look; returns whether anything changed.
+
+        One ``PRAGMA`` when nothing did; otherwise the stored ids are compared with the index's
+        (a scan of the id column: about 0.1 s per million items) and the difference applied.
+        Searches wait on the gallery's lock meanwhile, so each sees the gallery before or after.
+        """
+        if not self.read_only:
+            return False
+        with self._lock:
+            version = self._store.data_version()
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            before = self._synced_ids
+            self._reconcile(before)
+            return not np.array_equal(before, self._synced_ids)
+
     # ------------------------------------------------------------------ internals
     def _check_writable(self) -> None:
         if self.read_only:
@@ -485,6 +529,7 @@ class Gallery:
         """
         stored = self._store.ids()
         self.manifest.count = len(stored)
+        self._synced_ids = stored
         wanted = self._needed_rebuild()
         if wanted is not None:
             self._rebuild(wanted)
@@ -565,3 +610,14 @@ def _matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:
     """One query's hits, dropping faiss's ``-1`` padding when fewer than ``k`` exist."""
     found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
     return [Match(id=i, score=s, rank=rank) for rank, (i, s) in enumerate(found, 1)]
+
+
+def disk_state(directory: str | os.PathLike[str]) -> tuple[str, int]:
+    """The snapshot ``current`` names and the database file's inode: a reader whose gallery
+    was opened at another state should open it again (a new snapshot may carry new search
+    settings or index type; a new inode is a gallery rebuilt or restored in place)."""
+    path = Path(directory)
+    try:
+        return os.readlink(path / CURRENT), os.stat(path / DATABASE).st_ino
+    except OSError:
+        return "", 0
