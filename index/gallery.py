@@ -141,7 +141,6 @@ class Gallery:
         # what :meth:`refresh` compares against.
         self._synced_ids = np.zeros(0, dtype=np.int64)
         self._data_version = store.data_version()
-        self.opened_state = disk_state(directory)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod

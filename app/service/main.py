@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.service.dependencies import add_error_handlers, document_match_count
+from app.service.forwarding import ForwardWrites
 from app.service.images import treat_decompression_bombs_as_errors
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
@@ -69,6 +70,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         read_only=settings.gallery_read_only,
         save_every=settings.gallery_save_every,
         save_interval=settings.gallery_save_interval_s,
+        follow_interval=settings.gallery_follow_interval_s,
     )
 
     def on_change(gallery: Gallery) -> None:
@@ -94,9 +96,13 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, leader: Path | None = None) -> FastAPI:
     """Build the service; raises :class:`~app.service.inference.StartupError` when the
-    checkpoint or gallery is missing, unreadable or made by a different model."""
+    checkpoint or gallery is missing, unreadable or made by a different model.
+
+    ``leader``: this is a follower process (:mod:`app.service.processes`); gallery writes are
+    forwarded to the leader's Unix socket at that path.
+    """
     configure_logging()
     treat_decompression_bombs_as_errors()
     # Process-wide, and before the model's warm-up compiles anything.
@@ -149,6 +155,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
+    if leader is not None:
+        app.add_middleware(ForwardWrites, leader=leader, after_write=state.store.refresh)
     app.add_middleware(InFlightLimit, limit=settings.max_in_flight, metrics=metrics)
     # Added last, so outermost: the in-flight limit's refusals are logged and counted too.
     app.add_middleware(

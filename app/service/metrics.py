@@ -1,6 +1,15 @@
-"""Prometheus metrics of one application instance (its own registry, so apps never collide)."""
+"""Prometheus metrics of one application instance (its own registry, so apps never collide).
+
+Under ``gsp serve --processes N`` the server sets ``PROMETHEUS_MULTIPROC_DIR`` before starting
+its processes: prometheus-client then keeps every value in files there, and ``/metrics`` from
+any process reports the sums over all of them (gauges: requests in flight summed over live
+processes, the gallery size as last set). Info metrics cannot be shared that way; each process
+reports its own, which are the same model and gallery in every process.
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -10,6 +19,7 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
+    multiprocess,
 )
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
@@ -58,12 +68,17 @@ class ServiceMetrics:
             "gsp_http_requests_in_flight",
             "Requests in progress (probes and metrics not counted)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.gallery_items = Gauge(
-            "gsp_gallery_items", "Items in the served gallery", registry=self.registry
+            "gsp_gallery_items",
+            "Items in the served gallery",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
-        self.model_info = Info("gsp_model", "The served model", registry=self.registry)
-        self.gallery_info = Info("gsp_gallery", "The served gallery", registry=self.registry)
+        self._own = CollectorRegistry()  # what only this process can report
+        self.model_info = Info("gsp_model", "The served model", registry=self._own)
+        self.gallery_info = Info("gsp_gallery", "The served gallery", registry=self._own)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method, route, str(status))
@@ -75,4 +90,9 @@ class ServiceMetrics:
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry) + generate_latest(self._own)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process, path=shared)
+        return generate_latest(every_process) + generate_latest(self._own)

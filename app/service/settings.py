@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     gallery_read_only: bool = Field(
         default=False,
         description="open the gallery read-only: no API writes, and an indexer may update the "
-        "same directory in place (then SIGHUP or reload-gallery to pick it up)",
+        "same directory in place or publish new versions into it (`gsp index publish`), which "
+        "the service follows (gallery_follow_interval_s; SIGHUP or reload-gallery at once)",
     )
     device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
     kernel: Kernel = Field(
@@ -86,6 +87,22 @@ class Settings(BaseSettings):
         gt=0.0,
         description="seconds after the first unsnapshotted write that a snapshot is written "
         "anyway (writes are durable in the database before the API answers)",
+    )
+
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="server processes on the one port: the first writes the gallery, the others "
+        "open it read-only, follow its writes and forward theirs to it (docs/architecture.md)",
+    )
+    gallery_follow_interval_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=60.0,
+        description="how often a read-only gallery (every process but the first, or "
+        "gallery_read_only) looks for writes made by another process or a new publication; "
+        "0: only on reload",
     )
 
     @field_validator("api_keys", "cors_origins", "image_roots", mode="before")
