@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="image_roots",
         help="directory gallery images may be served from (repeatable)",
     )
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="open the gallery read-only and follow its writer or its publications "
+        "(GSP_GALLERY_READ_ONLY)",
+    )
     parser.add_argument("--no-batching", action="store_true", help="run every query alone")
     parser.add_argument("--batch-max-size", type=int, help="GSP_BATCH_MAX_SIZE")
     parser.add_argument("--batch-max-wait-ms", type=float, help="GSP_BATCH_MAX_WAIT_MS")
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_max_wait_ms": args.batch_max_wait_ms,
         "batching": False if args.no_batching else None,
         "processes": args.processes,
+        "gallery_read_only": True if args.read_only else None,
     }
     return serve(
         overrides, host=args.host, port=args.port, log_level=args.log_level, run_dir=args.run_dir
