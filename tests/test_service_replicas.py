@@ -1,0 +1,98 @@
+"""Two api replicas over one published gallery, as real ``gsp serve --read-only`` processes:
+they answer the same search identically, refuse writes, and both move to a new publication."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from index.backup import copy_gallery
+from index.gallery import Gallery
+from index.publish import publish_gallery
+from tests.conftest import free_port
+from tests.test_service_support import API_KEY, ServiceAssets, drawn_image, png_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 120
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def _replica(assets: ServiceAssets, published: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "GSP_IMAGE_ROOTS": str(assets.images), "GSP_API_KEYS": API_KEY}
+    command = [
+        sys.executable, "-m", "app.cli", "serve", "--read-only",
+        "--checkpoint", str(assets.checkpoint), "--gallery", str(published),
+        "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert process.poll() is None, f"replica exited with {process.returncode}"
+            assert time.monotonic() < deadline, "replica not ready in time"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answer(url: str, query: bytes) -> dict:
+    response = httpx.post(
+        f"{url}/v1/search",
+        files={"image": ("q.png", query, "image/png")},
+        data={"k": "5"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    del body["timings"]
+    return body
+
+
+def test_two_replicas_over_a_publication_answer_alike_and_follow_it(
+    service_assets: ServiceAssets, tmp_path: Path
+) -> None:
+    writer_gallery = tmp_path / "gallery"
+    copy_gallery(service_assets.gallery_full, writer_gallery)
+    published = tmp_path / "published"
+    publish_gallery(writer_gallery, published)
+    query = png_bytes(drawn_image("blue", 2))
+    with _replica(service_assets, published) as one, _replica(service_assets, published) as two:
+        first = _answer(one, query)
+        assert first == _answer(two, query) and len(first["matches"]) == 5
+        top = first["matches"][0]["id"]
+        image = httpx.get(f"{one}/v1/gallery/{top}/image")
+        assert image.status_code == 200
+        assert image.content == httpx.get(f"{two}/v1/gallery/{top}/image").content
+        refused = httpx.delete(f"{one}/v1/gallery/{top}", headers={"X-API-Key": API_KEY})
+        assert refused.status_code == 409 and refused.json()["code"] == "read_only"
+        with Gallery.open(writer_gallery) as writer:  # the single writer changes the gallery
+            writer.remove([top])
+            size = len(writer)
+        publish_gallery(writer_gallery, published)
+        published_at = time.monotonic()
+        for url in (one, two):
+            while httpx.get(f"{url}/readyz").json()["gallery_size"] != size:
+                assert time.monotonic() - published_at < 5, "a replica kept the old publication"
+                time.sleep(0.05)
+        after = _answer(one, query)
+        assert after == _answer(two, query)
+        assert top not in [match["id"] for match in after["matches"]]
