@@ -130,6 +130,8 @@ class BucketedForward(Generic[Output]):
     def warm_up(self, sample: Tensor, largest: int) -> None:
         """Capture (or compile) every bucket up to ``largest`` rows from one sample input row,
         so that no request waits for it."""
+        if self.mode == "off":
+            return
         for bucket in self.buckets:
             if bucket > largest:
                 break

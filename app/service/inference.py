@@ -22,6 +22,7 @@ from PIL import Image
 from app.service.batching import MicroBatcher
 from model.checkpoint import load_checkpoint
 from model.explain import PairExplanation, PooledParts, explain_pair, repool_with_regions
+from model.graphs import BucketedForward, GraphMode
 from model.transforms import Normalise, eval_crop, to_uint8_tensor
 
 __all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError"]
@@ -51,6 +52,7 @@ class InferenceEngine:
         max_batch_size: int,
         max_wait_ms: float,
         on_batch: Callable[[int, float], None] | None = None,
+        graphs: GraphMode = "off",
     ) -> None:
         if not checkpoint.is_dir():
             raise StartupError(f"checkpoint directory not found: {checkpoint}")
@@ -68,6 +70,9 @@ class InferenceEngine:
         self._normalise = Normalise(self.preprocessing, device)
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
         self.crop_fraction = self.preprocessing.crop_fraction
+        # CUDA graphs per bucketed batch size (model/graphs.py); the network itself on a CPU.
+        self._forward = BucketedForward(self.net, device, graphs)
+        self._max_batch_size = max_batch_size
         self.batcher: MicroBatcher[torch.Tensor, Embedded] = MicroBatcher(
             self.embed_tensors,
             max_batch_size=max_batch_size,
@@ -91,6 +96,9 @@ class InferenceEngine:
         size = self.preprocessing.image_size
         for batch in (1, 2):
             self.embed_tensors([torch.zeros(size, size, 3, dtype=torch.uint8)] * batch)
+        with torch.inference_mode():  # every bucket's graph captured before the first request
+            sample = self.inputs([torch.zeros(size, size, 3, dtype=torch.uint8)])
+            self._forward.warm_up(sample, self._max_batch_size)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """The cropped image as an ``(S, S, 3)`` uint8 CPU tensor, ready for :meth:`inputs`."""
@@ -106,7 +114,7 @@ class InferenceEngine:
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:
         """One forward pass over a batch; runs on the batcher's worker thread."""
-        output = self.net(self.inputs(tensors))
+        output = self._forward(self.inputs(tensors))
         dim = output.embedding.shape[1]
         # One device-to-host copy (and wait) for both results instead of two.
         both = torch.cat([output.embedding.float(), output.weights.float().flatten(1)], dim=1)

@@ -61,6 +61,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         max_batch_size=settings.effective_batch_size,
         max_wait_ms=settings.batch_max_wait_ms,
         on_batch=metrics.observe_batch,
+        graphs=settings.cuda_graphs,
     )
     store = GalleryStore(
         settings.gallery,

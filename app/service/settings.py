@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.graphs import GraphMode
 from model.hardware import DEVICE_NAMES, check_device_name, usable_cpus
 from model.runtime import Kernel, RuntimeOptions
 
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
         "anyway (writes are durable in the database before the API answers)",
     )
 
+    cuda_graphs: GraphMode = Field(
+        default="off",
+        description="on CUDA: replay the embedding forward as CUDA graphs per bucketed batch "
+        "size ('graphs': captured, 'reduce-overhead': torch.compile's), see model/graphs.py",
+    )
     processes: int = Field(
         default=1,
         ge=1,
