@@ -75,6 +75,12 @@ def serve_processes(
     """Serve with ``settings.processes`` processes until SIGTERM or SIGINT; 1 when a process
     keeps failing to start. ``run_dir`` (default: a temporary directory, removed at the end)
     holds the processes' sockets and shared metrics."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:
+        print(f"gsp serve: cannot listen on {host}:{port}: {error}", file=sys.stderr)
+        return 1
     own_run_dir = run_dir is None
     run = Path(tempfile.mkdtemp(prefix="gsp-serve-")) if run_dir is None else run_dir
     metrics_dir = run / "metrics"
@@ -82,8 +88,6 @@ def serve_processes(
     metrics_dir.mkdir(parents=True)
     # Read by prometheus-client when it is first imported: in the spawned processes.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=2048)
     context = multiprocessing.get_context("spawn")
     pending: list[int] = []
 
