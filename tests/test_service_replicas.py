@@ -20,7 +20,13 @@ from index.backup import copy_gallery
 from index.gallery import Gallery
 from index.publish import publish_gallery
 from tests.conftest import free_port
-from tests.test_service_support import API_KEY, ServiceAssets, drawn_image, png_bytes
+from tests.test_service_support import (
+    API_KEY,
+    ServiceAssets,
+    drawn_image,
+    png_bytes,
+    wait_until_ready,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120
@@ -42,14 +48,7 @@ def _replica(assets: ServiceAssets, published: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            assert process.poll() is None, f"replica exited with {process.returncode}"
-            assert time.monotonic() < deadline, "replica not ready in time"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.3)
+        wait_until_ready(url, process, STARTUP_SECONDS, "replica")
         yield url
     finally:
         process.terminate()
@@ -74,21 +73,11 @@ def _load_balancer(nginx: str, root: Path, replicas: list[str]) -> Iterator[str]
     process = subprocess.Popen(
         [nginx, "-c", str(config), "-e", "stderr", "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, (
-                f"nginx exited: {process.stderr.read() if process.stderr else ''}"
-            )
-            assert time.monotonic() < deadline, "nginx did not start"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.1)
+        wait_until_ready(url, process, 20, "nginx")
         yield url
     finally:
         process.terminate()

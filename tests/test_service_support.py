@@ -10,12 +10,14 @@ import contextlib
 import hashlib
 import io
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
@@ -192,3 +194,15 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, seconds: float, what: str) -> None:
+    """Poll ``url``/readyz until it answers 200; fail when ``process`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"{what} exited with status {process.returncode}"
+        assert time.monotonic() < deadline, f"{what} was not ready within {seconds} s"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
