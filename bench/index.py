@@ -1,6 +1,7 @@
-"""Gallery benchmarks: (a) the large-gallery index against exact search, (b) bulk-job throughput.
+"""Gallery search benchmark: the large-gallery index against exact search (the bulk job's
+benchmark is bench/bulk.py).
 
-(a) ``python -m bench.index search [--n 1000000]``: clustered unit vectors with the spread of real
+``python -m bench.index search [--n 1000000]``: clustered unit vectors with the spread of real
 embeddings, on two data sets: ``easy`` (a few thousand independent centres on the sphere, equal
 cluster sizes; same-cluster cosine 0.5-0.8) and ``hard`` (centres grouped in families whose
 members overlap, cluster sizes from a long-tailed Zipf law, wider noise). For each, a real
@@ -9,10 +10,6 @@ for that size (``ivf_sq8`` at 1M items; ``--index-type ivf`` for the compact IVF
 search adds an exact re-rank that reads candidates' embeddings back from SQLite);
 ``Gallery.search`` is compared with exact flat search: recall@10 and queries/s side by side,
 over an ``nprobe`` (x ``rerank`` for ``ivf``) sweep, and the index's RAM per item.
-
-(b) ``python -m bench.index build [--images 1000]``: ``build_gallery`` over real CIFAR-10 JPEGs
-(extracted from the shared archive into .cache/) against the model's own forward throughput at
-the same batch size on ready tensors, which is the ceiling.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import os
 import platform
 import shutil
 import statistics
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +30,6 @@ import numpy as np
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = REPO_ROOT / ".cache" / "bench-index"
 DATASETS = ("easy", "hard")
 _BLOCK = 100_000
@@ -238,69 +233,6 @@ def bench_search(
     shutil.rmtree(directory)
 
 
-def extract_cifar(count: int) -> Path:
-    """The first ``count`` CIFAR-10 test JPEGs, extracted once under .cache/."""
-    target = CACHE / f"cifar-{count}"
-    if target.is_dir():
-        return target
-    if not CIFAR_ARCHIVE.is_file():
-        raise SystemExit(f"real data not available: {CIFAR_ARCHIVE} is absent")
-    tmp = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.parent.is_dir() else None))
-    taken = 0
-    with tarfile.open(CIFAR_ARCHIVE) as archive:
-        for member in archive:
-            if member.isfile() and member.name.startswith("cifar10/test/"):
-                archive.extract(member, tmp, filter="data")
-                taken += 1
-                if taken == count:
-                    break
-    CACHE.mkdir(parents=True, exist_ok=True)
-    (tmp / "cifar10" / "test").rename(target)
-    shutil.rmtree(tmp)
-    return target
-
-
-def bench_build(count: int, batch_size: int, backbone: str, image_size: int, workers: str) -> None:
-    import torch
-
-    from index.build import build_gallery
-    from model.checkpoint import save_checkpoint
-    from model.config import ModelConfig, Preprocessing
-    from model.net import build_embedding_net
-
-    images = extract_cifar(count)
-    config = ModelConfig(
-        backbone=backbone,
-        pretrained=False,
-        embedding_dim=512,
-        preprocessing=Preprocessing(image_size=image_size, resize_size=image_size * 8 // 7),
-    )
-    net = build_embedding_net(config).eval()
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = Path(scratch) / "ckpt"
-        save_checkpoint(checkpoint, net, config)
-        batch = torch.randn(batch_size, 3, image_size, image_size)
-        with torch.inference_mode():
-            net(batch)  # warm-up
-            started = time.perf_counter()
-            done = 0
-            while done < count:
-                net(batch)
-                done += batch_size
-        ceiling = done / (time.perf_counter() - started)
-        report = build_gallery(
-            images,
-            checkpoint,
-            Path(scratch) / "gallery",
-            batch_size=batch_size,
-            workers=workers,
-            progress=False,
-        )
-    print(f"model forward (ceiling): {ceiling:.1f} images/s at batch {batch_size}")
-    print(f"bulk job: {report.summary()}")
-    print(f"bulk job / ceiling = {report.images_per_s / ceiling:.3f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -315,30 +247,21 @@ def main() -> None:
     search.add_argument(
         "--index-type", default="auto", help="auto (what the gallery picks for --n) or a type"
     )
-    build = sub.add_parser("build")
-    build.add_argument("--images", type=int, default=1000)
-    build.add_argument("--batch-size", type=int, default=64)
-    build.add_argument("--backbone", default="resnet18")
-    build.add_argument("--image-size", type=int, default=224)
-    build.add_argument("--workers", default="auto")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    if args.which == "search":
-        args.scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-            for dataset in DATASETS if args.data == "both" else (args.data,):
-                bench_search(
-                    args.n,
-                    args.dim,
-                    args.clusters,
-                    args.queries,
-                    args.k,
-                    dataset,
-                    Path(scratch),
-                    args.index_type,
-                )
-    else:
-        bench_build(args.images, args.batch_size, args.backbone, args.image_size, args.workers)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        for dataset in DATASETS if args.data == "both" else (args.data,):
+            bench_search(
+                args.n,
+                args.dim,
+                args.clusters,
+                args.queries,
+                args.k,
+                dataset,
+                Path(scratch),
+                args.index_type,
+            )
 
 
 if __name__ == "__main__":

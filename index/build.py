@@ -1,5 +1,9 @@
 """The bulk indexing job: walk a folder, decode in DataLoader workers, embed in batches, add.
 
+Workers hand over whole batches of 8-bit crops, which the loader pins once per batch; the
+network normalises them on its device and runs at the job's precision (:mod:`model.inference`,
+the service's path too).
+
 It resumes: every file's sha256 is checked against the gallery before decoding, so a rerun after
 Ctrl-C or a kill embeds only what is missing (the gallery's database commits every batch and the
 index is snapshotted every ``save_every`` batches). Memory stays bounded by a few batches.
@@ -21,9 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from index.gallery import Gallery, ItemInput
-from index.images import decode_image, find_images
+from index.images import check_image_header, decode_image, find_images
 from index.layout import CURRENT, FAILURES_FILE
-from model.hardware import resolve_device, resolve_workers
+from model.hardware import DECODERS, resolve_device, resolve_workers
+from model.inference import Embedder, decode_jpegs, is_jpeg, stack_crops
+from model.transforms import eval_crop, to_uint8_tensor
+
+# Batches each loader worker prepares ahead: enough to ride out a slow file or a save.
+PREFETCH_BATCHES = 4
 
 __all__ = [
     "FAILURES_FILE",
@@ -62,27 +71,29 @@ class BuildReport:
 
 
 class _FileDataset(Dataset):
-    """Reads, hashes and decodes one file; never raises, so one bad file cannot stop the job."""
+    """Reads, hashes and decodes one file to its uint8 crop; never raises, so one bad file
+    cannot stop the job. With ``gpu_jpegs`` a JPEG is only checked (header, pixel count) and
+    its bytes go to the main process, which decodes the batch's JPEGs on the GPU at once."""
 
     def __init__(
         self,
         files: Sequence[tuple[Path, str | None]],
         known: frozenset[str],
         preprocessing: Any,
+        gpu_jpegs: bool = False,
     ) -> None:
-        from model.transforms import eval_transform
-
         self.files = files
         self.known = known
         self.min_side = int(preprocessing.resize_size)
-        self.transform = eval_transform(preprocessing)
+        self.crop = eval_crop(preprocessing)
+        self.gpu_jpegs = gpu_jpegs
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         path, label = self.files[position]
-        entry: dict[str, Any] = {"path": str(path), "label": label, "tensor": None}
+        entry: dict[str, Any] = {"path": str(path), "label": label}
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -91,17 +102,23 @@ class _FileDataset(Dataset):
         if entry["sha256"] in self.known:
             return {**entry, "status": "known"}
         try:
-            tensor = self.transform(decode_image(data, self.min_side))
+            if self.gpu_jpegs and is_jpeg(data):
+                check_image_header(data)
+                return {**entry, "status": "ok", "jpeg": data}
+            crop = to_uint8_tensor(self.crop(decode_image(data, self.min_side)))
         except (ValueError, OSError) as error:  # ImageDecodeError is a ValueError
             return {**entry, "status": "failed", "reason": str(error)}
-        return {**entry, "status": "ok", "tensor": tensor}
+        return {**entry, "status": "ok", "crop": crop}
 
 
 def _collate(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch holding one tensor, the stacked CPU crops, so that the loader pins one block
+    per batch; JPEG bytes for the GPU decoder travel as ``bytes``, which are never pinned."""
     ok = [e for e in entries if e["status"] == "ok"]
+    crops = [e.pop("crop") for e in ok if "crop" in e]
     return {
         "ok": ok,
-        "tensors": torch.stack([e["tensor"] for e in ok]) if ok else None,
+        "crops": stack_crops(crops) if crops else None,
         "known": sum(e["status"] == "known" for e in entries),
         "failed": [e for e in entries if e["status"] == "failed"],
     }
@@ -109,6 +126,33 @@ def _collate(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def _device_batch(
+    batch: dict[str, Any], embedder: Embedder, min_side: int
+) -> tuple[list[dict[str, Any]], torch.Tensor | None, list[dict[str, Any]]]:
+    """The batch's embeddable entries, their uint8 crops as one tensor on the device, and the
+    entries that failed to decode there. CPU crops keep their order; JPEGs decoded on the GPU
+    follow them (a JPEG nvJPEG refuses is decoded on the CPU for its reason or its pixels)."""
+    cpu = [e for e in batch["ok"] if "jpeg" not in e]
+    jpegs = [e for e in batch["ok"] if "jpeg" in e]
+    host = batch["crops"]
+    parts = [] if host is None else [host.to(embedder.device, non_blocking=True)]
+    failed: list[dict[str, Any]] = []
+    if jpegs:
+        crop = eval_crop(embedder.preprocessing)
+        decoded = decode_jpegs([e["jpeg"] for e in jpegs], embedder.preprocessing, embedder.device)
+        for entry, image in zip(jpegs, decoded, strict=True):
+            data = entry.pop("jpeg")
+            if image is None:
+                try:
+                    image = to_uint8_tensor(crop(decode_image(data, min_side))).to(embedder.device)
+                except (ValueError, OSError) as error:
+                    failed.append({**entry, "status": "failed", "reason": str(error)})
+                    continue
+            parts.append(image[None])
+            cpu.append(entry)
+    return cpu, (torch.cat(parts) if parts else None), failed
 
 
 def open_for_model(directory: Path, loaded: Any, *, read_only: bool = False) -> Gallery:
@@ -144,19 +188,34 @@ def index_files(
     batch_size: int = 64,
     workers: int | str = "auto",
     device: str = "auto",
+    precision: str = "auto",
+    decode: str = "cpu",
     failures_path: Path,
     save_every: int = 50,
     progress: bool = True,
 ) -> BuildReport:
     """Embed and add ``(path, label)`` files not yet in ``gallery``; saves at the end and on
-    interruption, so an interrupted run loses nothing already embedded."""
+    interruption, so an interrupted run loses nothing already embedded.
+
+    ``precision`` (:data:`~model.hardware.PRECISIONS`; ``auto``: fp16 on CUDA, else fp32) and
+    ``decode`` (``cpu``, or ``gpu``: JPEGs decoded in batches by nvJPEG) as in
+    :mod:`model.inference`."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     started = time.perf_counter()
     target = resolve_device(device)
-    net = loaded.net.to(target).eval()
-    dataset = _FileDataset(files, frozenset(gallery.known_sha256()), loaded.config.preprocessing)
-    num_workers = resolve_workers(workers)
+    if decode == "gpu" and target.type != "cuda":
+        raise ValueError("decode 'gpu' needs a CUDA device; use decode 'cpu'")
+    embedder = Embedder(loaded.net, loaded.config.preprocessing, target, precision)
+    dataset = _FileDataset(
+        files,
+        frozenset(gallery.known_sha256()),
+        loaded.config.preprocessing,
+        gpu_jpegs=decode == "gpu",
+    )
+    num_workers = resolve_workers(workers, accelerator=target.type == "cuda")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -164,24 +223,26 @@ def index_files(
         collate_fn=_collate,
         pin_memory=target.type == "cuda",
         worker_init_fn=_init_worker if num_workers else None,
+        prefetch_factor=PREFETCH_BATCHES if num_workers else None,
     )
     counts = {"indexed": 0, "known": 0, "duplicates": 0, "failed": 0}
     failures_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), unit="img", desc="indexing", disable=not progress)
     try:
-        with failures_path.open("w", encoding="utf-8") as failures, torch.inference_mode():
+        with failures_path.open("w", encoding="utf-8") as failures:
             for number, batch in enumerate(loader, 1):
-                for entry in batch["failed"]:
+                ok, crops, undecoded = _device_batch(batch, embedder, dataset.min_side)
+                for entry in [*batch["failed"], *undecoded]:
                     failures.write(json.dumps({"path": entry["path"], "reason": entry["reason"]}))
                     failures.write("\n")
-                counts["failed"] += len(batch["failed"])
+                counts["failed"] += len(batch["failed"]) + len(undecoded)
                 counts["known"] += batch["known"]
-                if batch["ok"]:
-                    output = net(batch["tensors"].to(target, non_blocking=True))
+                if crops is not None:
+                    output = embedder(crops)
                     result = gallery.add(
-                        output.embedding.float().cpu().numpy(),
-                        list(output.weights.float().cpu().numpy()),
-                        [ItemInput(e["path"], e["sha256"], e["label"]) for e in batch["ok"]],
+                        output.embedding.cpu().numpy(),
+                        list(output.weights.cpu().numpy()),
+                        [ItemInput(e["path"], e["sha256"], e["label"]) for e in ok],
                     )
                     counts["indexed"] += result.added
                     counts["duplicates"] += len(result.duplicates)
@@ -211,6 +272,8 @@ def build_gallery(
     batch_size: int = 64,
     workers: int | str = "auto",
     device: str = "auto",
+    precision: str = "auto",
+    decode: str = "cpu",
     index_type: str = "auto",
     report_path: str | os.PathLike[str] | None = None,
     labels_from_subfolders: bool = False,
@@ -240,6 +303,8 @@ def build_gallery(
             batch_size=batch_size,
             workers=workers,
             device=device,
+            precision=precision,
+            decode=decode,
             failures_path=Path(report_path) if report_path else out / FAILURES_FILE,
             save_every=save_every,
             progress=progress,

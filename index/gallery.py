@@ -9,6 +9,11 @@ database — items added after the last snapshot are inserted from their stored 
 removed ones dropped — so a kill at any moment, during a save included, leaves a loadable and
 consistent gallery that has lost at most the call in flight.
 
+That reconciliation also keeps saves cheap: a save rewrites the index only once the changes
+since it was last written exceed :data:`REWRITE_SHARE` of it (or it was rebuilt); otherwise
+the new snapshot carries the index files by hard link and the next open replays the rest from
+the database. A save's cost is thus in proportion to what was added, amortised.
+
 Other processes may hold the gallery open read-only while one writes it:
 :meth:`Gallery.refresh` takes in what the writer committed since (the database is shared, the
 in-memory index is brought in line), and :func:`disk_state` says when the files themselves
@@ -50,7 +55,7 @@ from index.manifest import (
     utc_now,
 )
 from index.metadata import ItemRecord, ItemRow, MetadataStore
-from index.snapshot import write_snapshot
+from index.snapshot import carry_files, current_snapshot, write_snapshot
 from index.vectors import (
     COMPACT_THRESHOLD,
     DEAD_ROWS_REBUILD,
@@ -81,6 +86,11 @@ _NORM_TOLERANCE = 1e-3
 _SETTINGS = ("large_threshold", "compact_threshold", "rerank")
 # Queries re-ranked per matrix product (bounds the candidates x dim scratch array).
 _RERANK_CHUNK = 128
+# A save rewrites the index file once adds and removes since it was written exceed this share
+# of the vectors it holds: each rewrite is paid for by as many changes as the file held (at most
+# one vector written per vector added, as in a gallery of 1,000), and an open replays at most
+# half the gallery from the database. 0.25 cost 4 vector writes per vector added (bench/bulk.py).
+REWRITE_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,9 @@ class Gallery:
         self._vectors = vectors
         self._lock = threading.RLock()
         self._lock_fd = lock_fd
+        # What the current snapshot's index file holds, and the changes made since.
+        self._index_on_disk: int | None = None  # None: no usable file, the next save writes
+        self._index_changes = 0
         # Ids the index held at the last reconcile, and the database's commit counter then:
         # what :meth:`refresh` compares against.
         self._synced_ids = np.zeros(0, dtype=np.int64)
@@ -344,6 +357,7 @@ class Gallery:
             if updates:
                 self._store.update_metadata(updates)
             self._vectors.add(np.asarray(new_ids, np.int64), embeddings[new_positions])
+            self._index_changes += len(new_ids)
             self.manifest.count += len(new_ids)
             self._maybe_rebuild()
             id_of = dict(existing)
@@ -356,24 +370,35 @@ class Gallery:
         with self._lock:
             removed = self._store.delete(list(ids))
             self._vectors.remove(np.asarray(removed, np.int64))
+            self._index_changes += len(removed)
             self.manifest.count -= len(removed)
             self._maybe_rebuild()
             return len(removed)
 
     def save(self) -> None:
-        """Write the index and manifest as a new snapshot, atomically; the database is current."""
+        """Write the manifest, and the index when due (see :data:`REWRITE_SHARE`), as a new
+        snapshot, atomically; the database is current."""
         self._check_writable()
         with self._lock:
             self.manifest.updated_at = utc_now()
             self._store.checkpoint()
-            ids = self._store.ids()
+            written = self._index_on_disk
+            rewrite = written is None or self._index_changes > REWRITE_SHARE * max(written, 1)
+            ids = self._store.ids() if rewrite else None
+            carried = None if rewrite else current_snapshot(self.directory)
 
             def write(tmp: Path) -> None:
-                self._vectors.write(tmp / INDEX_FILE)
-                np.save(tmp / IDS_FILE, ids)
+                if ids is None:
+                    assert carried is not None
+                    carry_files(carried, tmp, leave=frozenset({MANIFEST}))
+                else:
+                    self._vectors.write(tmp / INDEX_FILE)
+                    np.save(tmp / IDS_FILE, ids)
                 (tmp / MANIFEST).write_text(self.manifest.to_json(), encoding="utf-8")
 
             write_snapshot(self.directory, write)
+            if ids is not None:
+                self._index_on_disk, self._index_changes = len(ids), 0
 
     # ------------------------------------------------------------------ reads
     def search(self, queries: np.ndarray, k: int, label: str | None = None) -> list[list[Match]]:
@@ -535,6 +560,7 @@ class Gallery:
             return
         missing = np.setdiff1d(stored, indexed, assume_unique=True)
         extra = np.setdiff1d(indexed, stored, assume_unique=True)
+        self._index_on_disk, self._index_changes = len(indexed), len(missing) + len(extra)
         self._vectors.remove(extra)
         dim = self.manifest.embedding_dim
         for ids, vectors in self._store.iter_embeddings(dim, ids=missing):
@@ -587,6 +613,7 @@ class Gallery:
             index_type, dim, count, sample, self._store.iter_embeddings(dim)
         )
         self._vectors = rebuilt
+        self._index_on_disk = None
         settings = {
             key: self.manifest.index_params[key]
             for key in _SETTINGS

@@ -13,6 +13,7 @@ from model.image_files import is_image_name
 
 __all__ = [
     "ImageDecodeError",
+    "check_image_header",
     "decode_image",
     "draft_at_least",
     "find_images",
@@ -46,25 +47,40 @@ def draft_at_least(image: Image.Image, min_side: int) -> None:
         image.draft("RGB", (min_side, min_side))
 
 
-def decode_image(data: bytes, min_side: int) -> Image.Image:
-    """Decode ``data`` (first frame of an animation), JPEGs at a reduced scale when they are much
-    larger than ``min_side`` (PIL ``draft``: DCT scaling, several times faster, no quality loss
-    after the resize to ``min_side`` that follows)."""
+def _opened(data: bytes) -> Image.Image:
+    """``data`` opened lazily (header only), a supported format and not a decompression bomb."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in _FORMATS:
-            raise ImageDecodeError(f"unsupported image format {image.format}")
-        draft_at_least(image, min_side)
-        image.seek(0)
-        image.load()
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image (unrecognised content)") from error
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"too large to decode safely: {error}") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        if isinstance(error, ImageDecodeError):
-            raise
+        raise ImageDecodeError(f"truncated or corrupt image: {error}") from error
+    if image.format not in _FORMATS:
+        raise ImageDecodeError(f"unsupported image format {image.format}")
+    return image
+
+
+def check_image_header(data: bytes) -> None:
+    """Raise :class:`ImageDecodeError` unless ``data``'s header is that of an image
+    :func:`decode_image` would take (for files another decoder, the GPU's, decodes)."""
+    _opened(data)
+
+
+def decode_image(data: bytes, min_side: int) -> Image.Image:
+    """Decode ``data`` (first frame of an animation), JPEGs at a reduced scale when they are much
+    larger than ``min_side`` (PIL ``draft``: DCT scaling, several times faster, no quality loss
+    after the resize to ``min_side`` that follows)."""
+    image = _opened(data)
+    try:
+        draft_at_least(image, min_side)
+        image.seek(0)
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(f"too large to decode safely: {error}") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(f"truncated or corrupt image: {error}") from error
     return image

@@ -4,6 +4,10 @@ A save writes a fresh temporary directory, fsyncs every file and the directory, 
 new snapshot name (rename onto a name that does not exist is atomic) and then swaps the
 ``current`` symlink with ``os.replace``. A kill at any moment therefore leaves ``current``
 pointing at a complete snapshot: either the previous one or the new one.
+
+Snapshot files are never modified after the rename, so a save whose files did not change
+carries them into the new snapshot by hard link (:func:`carry_files`): its cost is that of what
+changed, not of the whole directory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ __all__ = [
     "CURRENT",
     "LINK_PREFIX",
     "SNAPSHOTS",
+    "carry_files",
     "clean_stale",
     "current_snapshot",
     "fsync_path",
@@ -68,6 +73,18 @@ def current_snapshot(directory: Path) -> Path:
     if not target.is_dir():
         raise GalleryCorruptError(f"gallery {directory}: {CURRENT!r} points at missing {target}")
     return target
+
+
+def carry_files(snapshot: Path, tmp: Path, *, leave: frozenset[str] = frozenset()) -> None:
+    """Put ``snapshot``'s files, except those named in ``leave``, into the snapshot being written
+    in ``tmp``: hard links where the file system allows, copies elsewhere."""
+    for source in snapshot.iterdir():
+        if source.name in leave or not source.is_file():
+            continue
+        try:
+            os.link(source, tmp / source.name)
+        except OSError:
+            shutil.copyfile(source, tmp / source.name)
 
 
 def write_snapshot(directory: Path, write_files: Callable[[Path], None]) -> Path:

@@ -11,7 +11,6 @@ newer one) and that the command, run again, finishes.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from index.layout import (
     release_writer_lock,
 )
 from index.manifest import Manifest, load_manifest, utc_now
-from index.snapshot import write_snapshot
+from index.snapshot import carry_files, write_snapshot
 
 __all__ = ["UpgradeReport", "upgrade_gallery"]
 
@@ -101,13 +100,7 @@ def _rewrite_manifest(directory: Path, snapshot: Path, manifest: Manifest) -> Pa
     snapshot files are never modified) and the new manifest."""
 
     def write(tmp: Path) -> None:
-        for source in snapshot.iterdir():
-            if source.name == MANIFEST:
-                continue
-            try:
-                os.link(source, tmp / source.name)
-            except OSError:
-                shutil.copyfile(source, tmp / source.name)
+        carry_files(snapshot, tmp, leave=frozenset({MANIFEST}))
         (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
     return write_snapshot(directory, write)

@@ -36,6 +36,10 @@ __all__ = [
     "target_mass_share",
 ]
 
+# A map size (h, w) to per-image object masks and the masks of the area a share is taken over,
+# both (N, h, w) with values in [0, 1].
+MaskSource = Callable[[tuple[int, int]], tuple[Tensor, Tensor]]
+
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
 _RENAMED = {
     "precision_at_1": "precision_at_1",
@@ -130,7 +134,9 @@ def target_mass_share(
     """Mean share of each image's pooling weight ``(N, h, w)`` lying on its target cell.
 
     The share is taken among the locations that belong to some cell (``cell_masks``; all by
-    default), so uniform weights (GAP) give one over the number of cells: 0.25 on a 2x2 grid.
+    default).  Masks may be fractional (a location's coverage).  Images whose ``cell_masks`` is
+    empty (no marked region) are left out.  Uniform weights give each image the share of its
+    target's locations among its cells' (``torch.ones_like(weights)``: the baseline).
     """
     if cell_masks is None:
         cell_masks = torch.ones_like(target_masks)
@@ -142,7 +148,10 @@ def target_mass_share(
     weights = weights.double()
     inside = (weights * target_masks.double()).sum(dim=(1, 2))
     on_cells = (weights * cell_masks.double()).sum(dim=(1, 2))
-    return float((inside / on_cells.clamp_min(1e-12)).mean())
+    marked = cell_masks.flatten(1).double().sum(dim=1) > 0
+    if not bool(marked.any()):
+        raise ValueError("no image has a marked region to measure a weight share on")
+    return float((inside / on_cells.clamp_min(1e-12))[marked].mean())
 
 
 @dataclass
@@ -150,15 +159,20 @@ class EvalInputs:
     """What to embed and how: ``forward`` maps a batch of ``query``/``gallery`` inputs (images,
     or cached feature maps with ``net.pool``) to an ``EmbeddingOutput``.  Without ``gallery``
     the query set is searched leave-one-out.  ``collage``, the query split as a collage data set
-    (its ``grid`` and ``target_cells``), adds the target-cell mass share; ``crop_fraction`` is
-    the input's side as a fraction of the resized canvas (see ``target_cell_mask``)."""
+    (its ``grid`` and ``target_cells``), adds the target-cell mass share; ``object_masks``
+    (e.g. :func:`model.object_regions.region_mask_source`) does the same for other data sets;
+    both add the share uniform weights give (the baseline); ``crop_fraction`` is
+    the input's side as a fraction of the resized canvas (see ``target_cell_mask``);
+    ``progress`` shows the embedding bars."""
 
     forward: Callable[[Tensor], Any]
     query: Dataset
     gallery: Dataset | None = None
     collage: CollageDataset | None = None
+    object_masks: MaskSource | None = None
     crop_fraction: float = 1.0
     num_workers: int = 0
+    progress: bool = True
 
 
 @torch.no_grad()
@@ -169,6 +183,7 @@ def embed(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     desc: str = "embedding",
+    progress: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Embeddings ``(N, d)``, labels ``(N,)`` and pooling weights ``(N, h, w)`` of a data set."""
     if isinstance(dataset, FeatureMapSet):  # in-memory maps: slice batches, no loader
@@ -179,7 +194,8 @@ def embed(
         batches = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         total = len(batches)
     embeddings, labels, weights = [], [], []
-    for inputs, batch_labels in tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
+    bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False, disable=not progress)
+    for inputs, batch_labels in bar:
         out = forward(inputs.to(device).float())
         embeddings.append(out.embedding.float().cpu())
         weights.append(out.weights.float().cpu())
@@ -194,7 +210,13 @@ def score(
 ) -> dict[str, float]:
     """Retrieval metrics (and the target-cell mass share where masks are given)."""
     query, query_labels, weights = embed(
-        inputs.forward, inputs.query, batch_size, device, inputs.num_workers, "embedding queries"
+        inputs.forward,
+        inputs.query,
+        batch_size,
+        device,
+        inputs.num_workers,
+        "embedding queries",
+        inputs.progress,
     )
     if inputs.gallery is None:
         metrics = retrieval_metrics(query, query_labels)
@@ -206,12 +228,18 @@ def score(
             device,
             inputs.num_workers,
             "embedding gallery",
+            inputs.progress,
         )
         metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels)
+    _, height, width = weights.shape
+    masks = None
     if inputs.collage is not None:
-        _, height, width = weights.shape
         masks = collage_masks(inputs.collage, (height, width), inputs.crop_fraction)
+    elif inputs.object_masks is not None:
+        masks = inputs.object_masks((height, width))
+    if masks is not None:
         metrics["target_mass_share"] = target_mass_share(weights, *masks)
+        metrics["uniform_mass_share"] = target_mass_share(torch.ones_like(weights), *masks)
     return metrics
 
 
@@ -219,7 +247,8 @@ _LABELS = {
     "precision_at_1": "P@1",
     "r_precision": "R-Precision",
     "map_at_r": "MAP@R",
-    "target_mass_share": "target-cell mass share",
+    "target_mass_share": "object-weight share",
+    "uniform_mass_share": "same cells, uniform weights",
 }
 
 
@@ -230,28 +259,85 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)
 
 
+@dataclass
+class CheckpointEvaluation:
+    """What ``gsp eval`` reports: the metrics, the splits scored, where features came from."""
+
+    metrics: dict[str, float]
+    splits: list[str]
+    features: str
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     spec: dict[str, Any],
     batch_size: int = 128,
     device: str = "cpu",
     num_workers: int = 0,
-) -> dict[str, float]:
-    """Load a checkpoint and score it on a data spec's test split (In-Shop: query vs gallery)."""
+    *,
+    cache: bool | Path = True,
+    regions: Path | None = None,
+    progress: bool = True,
+) -> CheckpointEvaluation:
+    """Load a checkpoint and score it on a data spec's evaluation splits (``split``, else test;
+    In-Shop: query vs gallery).
+
+    ``cache``: True reads the backbone's feature maps from the run's feature cache when the
+    run froze its backbone (the maps are the same, so they are not computed again), a folder
+    uses that cache, False always runs the backbone.  ``regions``, an object-region CSV
+    (:mod:`model.object_regions`), adds the object-weight share.
+    """
     from model.checkpoint import load_checkpoint
+    from model.training.distributed import DistributedContext
+    from model.training.feature_maps import MapCache, frozen_feature_maps
     from model.transforms import eval_transform
 
     loaded = load_checkpoint(checkpoint, device=device)
     net = loaded.net.eval()
     preprocessing = loaded.config.preprocessing
     splits = default_split(spec, training=False)
-    sets = [open_dataset(spec, split, eval_transform(preprocessing)) for split in splits]
+    cache_dir = _feature_cache_dir(loaded.metadata, cache)
+    forward: Callable[[Tensor], Any] = net
+    sets: list[Dataset]
+    if cache_dir is None:
+        sets = [open_dataset(spec, split, eval_transform(preprocessing)) for split in splits]
+        datasets: list[Any] = sets
+        features = "images (backbone run now)"
+    else:
+        ctx = DistributedContext.single(torch.device(device))
+        maps_cache = MapCache(cache_dir, batch_size, num_workers, progress)
+        pairs = [
+            frozen_feature_maps(net, preprocessing, spec, split, maps_cache, ctx)
+            for split in splits
+        ]
+        sets, datasets = [maps for maps, _ in pairs], [opened for _, opened in pairs]
+        forward = net.pool
+        features = f"feature cache {cache_dir}"
+    object_masks = None
+    if regions is not None:
+        from model.object_regions import read_object_regions, region_mask_source
+
+        paths = [path for path, _ in datasets[0].samples]
+        object_masks = region_mask_source(paths, read_object_regions(regions), preprocessing)
     inputs = EvalInputs(
-        net,
+        forward,
         sets[0],
         gallery=sets[1] if len(sets) > 1 else None,
-        collage=sets[0] if isinstance(sets[0], CollageDataset) else None,
+        collage=datasets[0] if isinstance(datasets[0], CollageDataset) else None,
+        object_masks=object_masks,
         crop_fraction=preprocessing.crop_fraction,
-        num_workers=num_workers,
+        num_workers=0 if cache_dir is not None else num_workers,
+        progress=progress,
     )
-    return score(inputs, batch_size, device)
+    return CheckpointEvaluation(score(inputs, batch_size, device), splits, features)
+
+
+def _feature_cache_dir(metadata: dict[str, Any], cache: bool | Path) -> Path | None:
+    """The feature cache to read: the given folder, or the training run's when it froze the
+    backbone (its weights, hence its maps, are the cached ones); None to run the backbone."""
+    if cache is False:
+        return None
+    if cache is not True:
+        return Path(cache)
+    run = metadata.get("training_config") or {}
+    return Path(run.get("cache_dir") or ".cache/features") if run.get("frozen_backbone") else None

@@ -117,11 +117,13 @@ def cached_feature_maps(
     root: Path = DEFAULT_CACHE_ROOT,
     device: torch.device | str = "cpu",
     description: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> CachedFeatures:
     """Load the feature maps stored under ``root/key``, or compute them and store them.
 
     ``batches`` yields ``(images, labels)`` in a fixed order (eval transform); it is only
-    iterated on a cache miss.  ``description`` is written beside the tensors for humans.
+    iterated on a cache miss.  ``description`` is written beside the tensors for humans;
+    ``progress`` shows a bar while features are computed.
     """
     directory = Path(root) / key
     cached = _load(directory, key)
@@ -130,7 +132,9 @@ def cached_feature_maps(
     features: Tensor | None = None
     labels = torch.empty(num_samples, dtype=torch.long)
     filled = 0
-    with tqdm(total=num_samples, desc="caching backbone features", unit="img") as progress:
+    with tqdm(
+        total=num_samples, desc="caching backbone features", unit="img", disable=not progress
+    ) as bar:
         for images, batch_labels in batches:
             maps = backbone(images.to(device)).to("cpu", torch.float16)
             if features is None:
@@ -141,7 +145,7 @@ def cached_feature_maps(
             features[filled:end] = maps
             labels[filled:end] = torch.as_tensor(batch_labels, dtype=torch.long)
             filled = end
-            progress.update(maps.shape[0])
+            bar.update(maps.shape[0])
     if features is None or filled != num_samples:
         raise ValueError(f"expected {num_samples} samples, the batches held {filled}")
     if not bool(torch.isfinite(features).all()):

@@ -1,5 +1,7 @@
-"""Where a job runs: the torch device a command or the service is asked for, and the CPUs it may
-use for data-loading workers.  One meaning of ``--device`` and ``--workers`` everywhere.
+"""Where a job runs: the torch device a command or the service is asked for, the CPUs it may
+use for data-loading workers, and the names of the precisions and JPEG decoders it may use
+(:mod:`model.inference` carries them out).  One meaning of ``--device``, ``--workers``,
+``--precision`` and ``--decode`` everywhere.
 
 torch is imported on use only: the command line checks device names while parsing, and
 ``gsp --help`` must not wait for torch.
@@ -9,15 +11,19 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DECODERS",
     "DEVICE_NAMES",
     "MAX_AUTO_WORKERS",
+    "PRECISIONS",
+    "Decoder",
     "DeviceError",
+    "Precision",
     "check_device_name",
     "resolve_device",
     "resolve_workers",
@@ -26,8 +32,15 @@ __all__ = [
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
-# Loader processes beyond this rarely pay: the network, not decoding, sets the pace by then.
+# Loader processes beyond this rarely pay when the network runs on the CPU: it, not decoding,
+# sets the pace by then. An accelerator embeds faster than any count of cores decodes.
 MAX_AUTO_WORKERS = 8
+# ``auto``: fp16 autocast on CUDA, fp32 elsewhere (see model/inference.py for why not bf16).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# Where JPEGs decode: CPU workers (Pillow) or the GPU (nvJPEG, batched).
+Decoder = Literal["cpu", "gpu"]
+DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
 class DeviceError(ValueError):
@@ -69,12 +82,13 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_workers(workers: int | str) -> int:
+def resolve_workers(workers: int | str, *, accelerator: bool = False) -> int:
     """Data-loading worker processes: a count as given (0 loads in the calling process), or for
-    ``auto`` the usable CPUs but one (which runs the network), at least 1, at most
-    :data:`MAX_AUTO_WORKERS`."""
+    ``auto`` the usable CPUs but one (which feeds the network), at least 1, and at most
+    :data:`MAX_AUTO_WORKERS` unless the network runs on an ``accelerator``."""
     if workers == "auto":
-        return min(MAX_AUTO_WORKERS, max(1, usable_cpus() - 1))
+        count = max(1, usable_cpus() - 1)
+        return count if accelerator else min(MAX_AUTO_WORKERS, count)
     try:
         count = int(workers)
     except ValueError:

@@ -8,6 +8,7 @@ are errors, so a typo in a config or an override never goes silently unused.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +31,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What to train and validate on.
+    """What to train on, select on and report on.
 
-    ``train`` and ``eval`` are data specs (one key among folder/csv/cub/cars/sop/inshop/collage,
-    see ``model.data``); ``eval`` may be omitted to skip validation.  Batches hold
-    ``batch_size`` images, ``m_per_class`` of each class.
+    ``train`` and ``test`` are data specs (one key among folder/csv/cub/cars/sop/inshop/collage,
+    see ``model.data``).  ``val`` is the validation split that picks ``best/`` and stops early:
+    carved from the training split (``{holdout: classes|instances, fraction: 0.2, seed: 0}``,
+    see ``model.data.holdout``) or a spec of its own (collages: ``split: val``); it must share
+    no image with ``test``.  ``test`` is scored once, after training, on ``best/``.  Either may
+    be omitted.  Batches hold ``batch_size`` images, ``m_per_class`` of each class, so a batch
+    needs ``batch_size / m_per_class`` training classes.
     """
 
     train: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] | None = None
+    val: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
     batch_size: int = 128
     m_per_class: int = 4
     num_workers: int = 4
@@ -71,11 +77,16 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio``."""
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio``.
+
+    ``patience`` N > 0 stops training after N validations without a better validation MAP@R
+    (0: train all ``epochs``).
+    """
 
     epochs: int = 50
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class TrainingConfig:
                 f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                 f"data.m_per_class ({self.data.m_per_class})"
             )
+        if self.schedule.patience < 0:
+            raise ValueError(f"schedule.patience must be >= 0, got {self.schedule.patience}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
         if not self.data.train:
@@ -134,6 +147,12 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
         values = _checked(cls, data, "")
+        if isinstance(values.get("data"), dict) and "eval" in values["data"]:
+            raise ValueError(
+                "data.eval is no longer read: name data.val (validation carved from training "
+                "data, e.g. {holdout: classes, fraction: 0.2}; it picks best/) and data.test "
+                "(scored once on best/ after training)"
+            )
         sections = {
             "data": DataConfig,
             "loss": LossConfig,
@@ -161,8 +180,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML (typed).
 
     ``data.KIND=ROOT`` (KIND a data reader: ``cub``, ``folder``, ``collage``, ...) points every
-    data spec of the config that reads KIND (``data.train``, ``data.eval``) at ROOT, keeping
-    their other options: the one override a user needs to say where a data set lives.
+    data spec of the config that reads KIND (``data.train``, ``data.val``, ``data.test``) at
+    ROOT, keeping their other options: the one override a user needs to say where a data set
+    lives.
     """
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for override in overrides:
@@ -196,12 +216,12 @@ def _is_data_root(key: str) -> bool:
 
 def _set_data_root(config: dict[str, Any], kind: str, root: Any) -> None:
     data = config.get("data") or {}
-    specs = [data[name] for name in ("train", "eval") if isinstance(data.get(name), dict)]
+    specs = [data[name] for name in ("train", "val", "test") if isinstance(data.get(name), dict)]
     reading = [spec for spec in specs if kind in spec]
     if not reading:
         raise ValueError(
             f"data.{kind}=...: no data spec of this config reads {kind}; to change data sets, "
-            f"set whole specs, e.g. 'data.train={{{kind}: ROOT}}' 'data.eval={{{kind}: ROOT}}'"
+            f"set whole specs, e.g. 'data.train={{{kind}: ROOT}}' 'data.test={{{kind}: ROOT}}'"
         )
     for spec in reading:
         spec[kind] = root
@@ -224,4 +244,27 @@ def load_training_config(path: str | Path, overrides: Sequence[str] = ()) -> Tra
     if not path.is_file():
         raise FileNotFoundError(f"training config not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
-    return TrainingConfig.from_dict(apply_overrides(data, overrides))
+    merged = apply_overrides(data, overrides)
+    _drop_other_pooling_options(data, merged, overrides)
+    return TrainingConfig.from_dict(merged)
+
+
+def _drop_other_pooling_options(
+    original: dict[str, Any], merged: dict[str, Any], overrides: Sequence[str]
+) -> None:
+    """``model.pooling=gap`` on a GSP config: the file's ``pooling_options`` belong to the
+    pooling it named, not to the one chosen now, so they are dropped (with a note) unless the
+    overrides set options too."""
+    before = (original.get("model") or {}).get("pooling")
+    model = merged.get("model")
+    if not isinstance(model, dict) or model.get("pooling") == before:
+        return
+    if any(item.startswith("model.pooling_options") for item in overrides):
+        return
+    dropped = model.pop("pooling_options", None)
+    if dropped:
+        print(
+            f"note: model.pooling={model.get('pooling')} replaces the config's {before}; its "
+            f"pooling_options {dropped} are dropped (set model.pooling_options to give new ones)",
+            file=sys.stderr,
+        )

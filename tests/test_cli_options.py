@@ -135,7 +135,8 @@ def test_device_and_workers_mean_the_same_in_every_subcommand() -> None:
         assert "auto, cpu, cuda or cuda:N" in device.help, words
     for words in with_workers:
         workers = option(parsers[words], "--workers")
-        assert workers.default == "auto" and workers.type("auto") == resolve_workers("auto")
+        assert workers.default == "auto" and workers.type("auto") == "auto"
+        assert workers.type("3") == resolve_workers("3") == 3
     from app.service.settings import Settings
 
     assert Settings.model_fields["device"].default == "auto"

@@ -94,3 +94,28 @@ def test_embedding_in_memory_maps_matches_the_loader_path() -> None:
     for a, b in zip(fast, slow, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
     assert fast[2].shape == (10, 3, 3) and not torch.allclose(fast[2], torch.ones(10, 3, 3))
+
+
+def test_uniform_share_is_per_image_where_cells_cover_unequal_locations() -> None:
+    """3 x 3 grid over a 7 x 7 map: corner, edge and centre cells cover 4, 6 and 9 locations,
+    so uniform weights give 4/49, 6/49 and 9/49 -- not one share for every position."""
+    from types import SimpleNamespace
+
+    from model.data import collage_masks
+
+    cells = [(0, 0), (0, 1), (1, 1)]
+    collage = SimpleNamespace(grid=3, target_cells=cells)
+    masks = collage_masks(collage, (7, 7))  # type: ignore[arg-type]
+    pairs = zip(*masks, strict=True)
+    shares = [target_mass_share(torch.ones(1, 7, 7), t[None], c[None]) for t, c in pairs]
+    assert shares == pytest.approx([4 / 49, 6 / 49, 9 / 49])
+    assert target_mass_share(torch.ones(3, 7, 7), *masks) == pytest.approx(19 / 147)
+
+
+def test_images_without_a_marked_region_are_left_out_of_the_share() -> None:
+    weights = torch.tensor([[[3.0, 1.0]], [[1.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    area = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
+    assert target_mass_share(weights, target, area) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no image has a marked region"):
+        target_mass_share(weights, target, torch.zeros_like(area))

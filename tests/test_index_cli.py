@@ -82,6 +82,8 @@ def test_build_info_search_add_remove(
     assert len([r for r in rows if r.split()[:1] in (["1"], ["2"], ["3"])]) == 3
     with Image.open(sheet) as picture:
         assert picture.size[0] == 4 * 160  # query and three matches in one row
+        captions = np.asarray(picture.convert("L"))[160:, :]
+        assert all(captions[:, i * 160 : (i + 1) * 160].min() < 128 for i in range(4))
 
     extra = write_images(tmp_path / "extra", range(7, 9))
     assert (
@@ -165,3 +167,25 @@ def test_index_type_choices_are_the_gallery_types() -> None:
     from index.vectors import INDEX_TYPES
 
     assert CLI_TYPES == INDEX_TYPES
+
+
+def test_contact_sheet_captions_tell_close_scores_and_labels_apart() -> None:
+    from app.commands.index import match_caption
+
+    close = [match_caption(1, 0.99712, "cat"), match_caption(2, 0.99748, "cat")]
+    assert close == ["#1  0.9971  cat", "#2  0.9975  cat"]
+    assert match_caption(3, 0.5, None) == "#3  0.5000  (no label)"
+    assert match_caption(4, 0.5, "a-very-long-class-name") == "#4  0.5000  a-very-long-.."
+
+
+def test_no_progress_leaves_stderr_free_of_bars(
+    tmp_path: Path, checkpoint: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    write_images(images, range(3))
+    build = ["index", "build", "--images", str(images), "--gallery", str(tmp_path / "g")]
+    build += ["--checkpoint", str(checkpoint), "--workers", "0"]
+    assert main([*build, "--no-progress"]) == 0
+    assert "indexing" not in capfd.readouterr().err
+    assert main([*build, "--gallery", str(tmp_path / "again")]) == 0
+    assert "indexing" in capfd.readouterr().err  # the bar the flag turns off

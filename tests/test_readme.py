@@ -123,7 +123,7 @@ def test_documented_checkpoints_are_where_their_run_writes() -> None:
             assert written, f"{where}: a run writes {BEST_DIR}/ and {EPOCH_PREFIX}NNN/ only"
             data = option(arguments, "--data")
             if data is not None:
-                assert parse_data_spec(data) == runs[path.parent].data.eval, where
+                assert parse_data_spec(data) == runs[path.parent].data.test, where
             checked += 1
     assert checked, "the README evaluates no documented run"
 

@@ -317,6 +317,63 @@ def test_writes_need_an_api_key(client: TestClient) -> None:
     assert_error(client.post("/v1/admin/reload-gallery"), 401)
 
 
+READ_KEY = "read-key-93ad"
+
+
+def test_read_keys_close_search_and_images_but_not_probes_or_the_page(
+    service_assets: ServiceAssets,
+) -> None:
+    # Read-only: the module's client holds the gallery open for writing.
+    settings = service_assets.settings(read_keys=[READ_KEY], gallery_read_only=True)
+    query = png_bytes(drawn_image("red", 0))
+    with TestClient(create_app(settings)) as private:
+        item = search(private, query, k=1)  # no key
+        assert "X-API-Key" in assert_error(item, 401, "missing_api_key")["detail"]
+        assert_error(private.get("/v1/gallery/0/image"), 401, "missing_api_key")
+        assert_error(private.post("/v1/search/by-id/0"), 401, "missing_api_key")
+        bad = private.post(
+            "/v1/search", files={"image": ("q", query, "image/png")}, headers={"X-API-Key": "x"}
+        )
+        assert_error(bad, 403, "bad_api_key")
+        for key in (READ_KEY, API_KEY):  # a write key reads too
+            found = private.post(
+                "/v1/search", files={"image": ("q", query, "image/png")}, headers={"X-API-Key": key}
+            )
+            assert found.status_code == 200, found.text
+        match = found.json()["matches"][0]["id"]
+        assert private.get(f"/v1/gallery/{match}/image", headers=AUTH).status_code == 200
+        for probe in ("/healthz", "/readyz", "/metrics", "/static/app.js", "/key"):
+            assert private.get(probe).status_code == 200, probe
+        page = private.get("/", follow_redirects=False)
+        assert (page.status_code, page.headers["location"]) == (303, "key")
+        paths = private.get("/openapi.json").json()["paths"]
+        assert "401" in paths["/v1/search"]["post"]["responses"]
+
+
+def test_the_key_form_lets_the_page_read_but_never_write(service_assets: ServiceAssets) -> None:
+    settings = service_assets.settings(read_keys=[READ_KEY], gallery_read_only=True)
+    with TestClient(create_app(settings)) as browser:
+        refused = browser.post("/key", data={"key": "wrong"})
+        assert refused.status_code == 403 and "not valid" in refused.text
+        assert "gsp_key" not in browser.cookies
+        entered = browser.post("/key", data={"key": READ_KEY}, follow_redirects=False)
+        assert (entered.status_code, entered.headers["location"]) == (303, ".")
+        cookie = entered.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        # the page and everything it asks for, with the cookie alone
+        page = browser.get("/")
+        assert page.status_code == 200 and "drop-zone" in page.text
+        found = search(browser, png_bytes(drawn_image("red", 0)), k=1)
+        assert found.status_code == 200
+        match = found.json()["matches"][0]["id"]
+        assert browser.get(f"/v1/gallery/{match}/thumbnail").status_code == 200
+        # a cookie holding even a write key grants no writes: no other site can make a
+        # visitor's browser write
+        browser.post("/key", data={"key": API_KEY})
+        files = [("images", ("a.png", png_bytes(drawn_image("red", 3)), "image/png"))]
+        assert_error(browser.post("/v1/gallery", files=files), 401, "missing_api_key")
+
+
 def test_add_search_and_delete_uploaded_images(
     client: TestClient, service_assets: ServiceAssets
 ) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -28,6 +30,8 @@ from app.service.settings import Settings
 from tests.conftest import free_port
 
 API_KEY = "test-key-5f1c"
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 90
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 PER_LABEL = 4
 
@@ -194,6 +198,52 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def running_server(
+    service_assets: ServiceAssets, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``gsp serve`` on a free loopback port, with these ``GSP_*`` settings beside the keys."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "GSP_API_KEYS": API_KEY,
+        "GSP_IMAGE_ROOTS": str(service_assets.images),
+        **env,
+    }
+    command = [
+        sys.executable, "-m", "app.cli", "serve",
+        "--checkpoint", str(service_assets.checkpoint),
+        "--gallery", str(service_assets.gallery_link),
+        "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"gsp serve exited early with status {process.returncode}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"gsp serve was not ready within {STARTUP_SECONDS} s")
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, seconds: float, what: str) -> None:

@@ -23,12 +23,12 @@ from model.training_config import TrainingConfig, apply_overrides, load_training
 from tests.conftest import free_port
 
 
-def _folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for label in range(classes):
+def _folder(root: Path, classes: int = 4, per_class: int = 6, first: int = 0) -> Path:
+    rng = np.random.default_rng(first)
+    for label in range(first, first + classes):
         (root / f"c{label}").mkdir(parents=True)
         for index in range(per_class):
-            base = np.full((24, 24, 3), 60 * label, dtype=np.uint8)
+            base = np.full((24, 24, 3), 20 * label, dtype=np.uint8)
             noise = rng.integers(0, 40, size=base.shape, dtype=np.uint8)
             Image.fromarray(base + noise).save(root / f"c{label}" / f"{index}.png")
     return root
@@ -36,6 +36,7 @@ def _folder(root: Path, classes: int = 4, per_class: int = 4) -> Path:
 
 def _raw_config(tmp_path: Path) -> dict:
     data = _folder(tmp_path / "images")
+    test = _folder(tmp_path / "test-images", classes=3, per_class=4, first=4)
     return {
         "model": {
             "backbone": "efficientnet_lite0",
@@ -52,7 +53,8 @@ def _raw_config(tmp_path: Path) -> dict:
         },
         "data": {
             "train": {"folder": str(data)},
-            "eval": {"folder": str(data)},
+            "val": {"holdout": "instances", "fraction": 0.34, "seed": 0},
+            "test": {"folder": str(test)},
             "batch_size": 8,
             "m_per_class": 2,
             "num_workers": 0,
@@ -94,9 +96,13 @@ def test_cli_trains_writes_checkpoints_metrics_plot_resumes_and_evaluates(
     assert (run / "metrics.png").stat().st_size > 0
     records = _metrics(run)
     assert [r["epoch"] for r in records] == [1, 2]
-    assert all(np.isfinite(r["loss"]) and 0 <= r["map_at_r"] <= 1 for r in records)
+    assert all(np.isfinite(r["loss"]) and 0 <= r["val"]["map_at_r"] <= 1 for r in records)
     best_epoch = json.loads((run / "best" / "best_epoch.json").read_text())["epoch"]
-    assert f"best epoch {best_epoch}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"best epoch {best_epoch} (chosen on val MAP@R)" in printed
+    assert "test (scored once, on best/)" in printed
+    tested = json.loads((run / "test_metrics.json").read_text())
+    assert (tested["split"], tested["checkpoint"], tested["epoch"]) == ("test", "best", best_epoch)
     loaded = load_checkpoint(run / "epoch-002")  # trainer state beside it: still verifies
     assert loaded.metadata["training_data"]["data"]["folder"] == raw["data"]["train"]["folder"]
     assert loaded.metadata["metrics"]["epoch"] == 2
@@ -113,13 +119,16 @@ def test_cli_trains_writes_checkpoints_metrics_plot_resumes_and_evaluates(
     assert any(not torch.equal(a, b) for a, b in pairs)
 
     out = tmp_path / "eval.json"
-    data = f"folder={raw['data']['eval']['folder']}"
-    evaluate = ["eval", "--checkpoint", str(run / "epoch-003"), "--data", data, "--out", str(out)]
-    assert main(evaluate) == 0
-    assert "MAP@R" in capsys.readouterr().out
-    # the evaluation command scores the same network and data as the validation of epoch 3
-    evaluated = json.loads(out.read_text())["metrics"]
-    assert evaluated["map_at_r"] == pytest.approx(_metrics(run)[-1]["map_at_r"], abs=1e-6)
+    data = f"folder={raw['data']['test']['folder']}"
+    evaluate = ["eval", "--checkpoint", str(run / "best"), "--data", data, "--out", str(out)]
+    assert main([*evaluate, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "MAP@R" in printed and "split: all" in printed
+    # the evaluation command scores the same network and data as the run's one test score
+    evaluated = json.loads(out.read_text())
+    assert evaluated["splits"] == ["all"]
+    best_test = json.loads((run / "test_metrics.json").read_text())["metrics"]["map_at_r"]
+    assert evaluated["metrics"]["map_at_r"] == pytest.approx(best_test, abs=1e-6)
 
 
 def test_frozen_backbone_trains_pooling_on_cached_features(tmp_path: Path) -> None:
@@ -135,11 +144,11 @@ def test_frozen_backbone_trains_pooling_on_cached_features(tmp_path: Path) -> No
     train(config, show_progress=False)
     run = Path(config.output_dir)
     caches = list((tmp_path / "cache").glob("*/features.safetensors"))
-    assert len(caches) == 1  # train and eval specs are the same folder: one cache entry
+    assert len(caches) == 3  # the train and val parts of one folder, and the test folder
     assert sorted(p.name for p in run.glob("epoch-*")) == ["epoch-002", "epoch-003"]
     records = _metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert ["map_at_r" in r for r in records] == [False, True, True]
+    assert ["val" in r for r in records] == [False, True, True]
     seed_everything(config.seed)  # the run's initial network, built the same way
     initial = build_embedding_net(config.model)
     middle = load_checkpoint(run / "epoch-002").net

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.commands.options import add_device_option, add_gallery_option, add_workers_option
+from model.hardware import DECODERS, PRECISIONS
 
 TILE = 160
 CAPTION = 28
@@ -125,6 +126,20 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_option(parser)
     add_device_option(parser)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the network's arithmetic: auto is fp16 (autocast) on CUDA and fp32 on the CPU; "
+        "fp32 everywhere for bit-stable embeddings (default: auto)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="cpu",
+        help="where JPEGs decode: cpu (worker processes) or gpu (nvJPEG, in batches; needs "
+        "CUDA; other formats still decode on the CPU) (default: cpu)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -145,6 +160,8 @@ def _build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
+            precision=args.precision,
+            decode=args.decode,
             index_type=args.index_type,
             report_path=args.report,
             labels_from_subfolders=args.labels_from_subfolders,
@@ -180,6 +197,8 @@ def _add(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 device=args.device,
+                precision=args.precision,
+                decode=args.decode,
                 failures_path=args.gallery / FAILURES_FILE,
                 progress=not args.no_progress,
             )
@@ -346,12 +365,20 @@ def _search(args: argparse.Namespace) -> int:
         tiles = [(query, query_weights, "query")]
         for match in matches:
             record = records[match.id]
-            tiles.append(
-                (_open_source(record.source), record.weights, f"#{match.rank} {match.score:.3f}")
-            )
+            caption = match_caption(match.rank, match.score, record.label)
+            tiles.append((_open_source(record.source), record.weights, caption))
         _contact_sheet(tiles).save(args.contact_sheet)
         print(f"contact sheet written to {args.contact_sheet}")
     return 0
+
+
+def match_caption(rank: int, score: float, label: str | None) -> str:
+    """A contact-sheet tile's caption: rank, the score to 4 decimals (near-duplicate scores of a
+    collapsed model still differ there) and the label, so matches can be told apart."""
+    shown = label or "(no label)"
+    if len(shown) > 14:  # the tile is 160 px wide
+        shown = shown[:12] + ".."
+    return f"#{rank}  {score:.4f}  {shown}"
 
 
 def _open_source(source: str) -> Any:

@@ -128,20 +128,22 @@ def add_device_option(
     )
 
 
-def _worker_count(text: str) -> int:
+def _worker_count(text: str) -> int | str:
+    """A count, or ``auto`` kept as such: its count depends on the device the job then uses."""
     try:
-        return resolve_workers(text)
+        return text if text == "auto" else resolve_workers(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
-    """``--workers``: data-loading processes, a count or ``auto`` (parsed to the count)."""
+    """``--workers``: data-loading processes, a count or ``auto`` (resolved by the job)."""
     parser.add_argument(
         "--workers",
         type=_worker_count,
         default="auto",
         metavar="N",
         help="processes that read and decode images: a count (0 reads them in this process) "
-        f"or auto, the usable CPUs but one, at most {MAX_AUTO_WORKERS} (default: auto)",
+        "or auto, the usable CPUs but one (at most "
+        f"{MAX_AUTO_WORKERS} when the network runs on the CPU; default: auto)",
     )

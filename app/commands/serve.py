@@ -89,6 +89,7 @@ def serve(
     from app.service.inference import StartupError
     from app.service.main import create_app
     from app.service.processes import serve_processes
+    from app.service.server import server_options
     from app.service.settings import Settings
 
     # Values of any type: pydantic validates and converts each one (ValidationError below).
@@ -111,5 +112,12 @@ def serve(
         f"Serving on http://{shown}:{port}/ (API docs: http://{shown}:{port}/docs)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        **server_options(settings),
+    )
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,18 +22,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last epoch in output_dir"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar (training, feature caching, embedding)",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from model.training import train
+    from model.training.inputs import check_data
     from model.training_config import load_training_config
 
-    config = load_training_config(args.config, args.overrides)
-    result = train(config, resume=args.resume, show_progress=not args.no_progress)
+    try:  # a config or data mistake is a message, before any slow work, not a traceback
+        config = load_training_config(args.config, args.overrides)
+        check_data(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"gsp train: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, resume=args.resume, show_progress=not args.no_progress)
+    except FileExistsError as error:  # output_dir holds another run
+        print(f"gsp train: {error}", file=sys.stderr)
+        return 2
     if result.history:
         print(json.dumps({"output_dir": str(result.output_dir), "last": result.history[-1]}))
         if result.best_epoch is not None:
-            print(f"best epoch {result.best_epoch}: {result.output_dir / 'best'}")
+            best = result.output_dir / "best"
+            print(f"best epoch {result.best_epoch} (chosen on val MAP@R): {best}")
+    if result.test is not None:
+        print(f"test (scored once, on {result.test['checkpoint']}/): {json.dumps(result.test)}")
     return 0

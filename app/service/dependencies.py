@@ -1,5 +1,7 @@
-"""What the ``/v1`` routes share: the service state, the error type and its handlers, the API-key
-check, upload reading, the gallery item -> file lookup, and the settings-derived bound of ``k``.
+"""What the ``/v1`` routes share: the service state, the error type and its handlers, the key
+checks (write keys; optional read keys, also from the page's cookie) and the client identity
+of per-client limits, upload reading, the gallery item -> file lookup, and the
+settings-derived bound of ``k``.
 
 The routers are module-level, so nothing here is built per application: dependencies read the
 settings from the application state, and :func:`document_match_count` writes the configured
@@ -8,6 +10,7 @@ bounds of ``k`` into each application's OpenAPI document.
 No ``from __future__ import annotations``: FastAPI evaluates the dependencies' annotations.
 """
 
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +22,10 @@ from fastapi import Depends, FastAPI, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyCookie, APIKeyHeader
 from pydantic import Field, TypeAdapter, ValidationError
+from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from app.service.batching import BatcherClosed
 from app.service.images import DecodedImage, ImageRejected, decode_image
@@ -30,6 +35,7 @@ from app.service.state import ServiceState, service_state
 
 __all__ = [
     "API_PREFIX",
+    "KEY_COOKIE",
     "MAX_ITEM_ID",
     "ApiError",
     "FormMatchCount",
@@ -39,7 +45,9 @@ __all__ = [
     "State",
     "add_error_handlers",
     "check_api_key",
+    "check_read_key",
     "check_writable",
+    "client_identity",
     "decode_for_network",
     "decode_upload",
     "document_match_count",
@@ -55,7 +63,13 @@ API_PREFIX = "/v1"  # of every route but the probes, metrics and the page
 MAX_ITEM_ID = 2**63 - 1
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID, description="gallery item id")]
 State = Annotated[ServiceState, Depends(service_state)]
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="write access")
+KEY_COOKIE = "gsp_key"  # set by the page's key form (GET /key); grants reads only
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="write access; read access too"
+)
+_key_cookie = APIKeyCookie(
+    name=KEY_COOKIE, auto_error=False, description="read access (set by the key form at /key)"
+)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -110,6 +124,47 @@ async def check_api_key(
         raise ApiError(401, "missing_api_key", "the X-API-Key header is required")
     if not any(hmac.compare_digest(key.encode(), valid.encode()) for valid in keys):
         raise ApiError(403, "bad_api_key", "the API key is not valid")
+
+
+async def check_read_key(
+    state: State,
+    key: Annotated[str | None, Depends(_api_key_header)] = None,
+    cookie: Annotated[str | None, Depends(_key_cookie)] = None,
+) -> None:
+    """With read keys configured, search and image routes need one of them or a write key, in
+    the header or the page's cookie; without, they are open."""
+    settings = state.settings
+    if not settings.reads_need_key:
+        return
+    given = key or cookie
+    if not given:
+        raise ApiError(
+            401,
+            "missing_api_key",
+            "reading needs a key: the X-API-Key header, or enter it on the page at /key",
+        )
+    if not settings.grants_read(given):
+        raise ApiError(403, "bad_api_key", "the API key is not valid")
+
+
+def presented_key(connection: HTTPConnection) -> str | None:
+    """The key a request carries: the X-API-Key header, else the page's cookie."""
+    return connection.headers.get("x-api-key") or connection.cookies.get(KEY_COOKIE) or None
+
+
+def client_identity(settings: Settings) -> Callable[[Scope], str]:
+    """Names a request's client for per-client limits: its key when valid (so that clients
+    sharing an address, behind a NAT, count apart), else its address (the proxy's
+    X-Forwarded-For when the peer is one of ``trusted_proxies``, resolved by uvicorn)."""
+
+    def identify(scope: Scope) -> str:
+        key = presented_key(HTTPConnection(scope))
+        if key and settings.grants_read(key):
+            return "key " + hashlib.sha256(key.encode()).hexdigest()[:16]
+        client = scope.get("client")
+        return "address " + (client[0] if client else "unknown")
+
+    return identify
 
 
 async def check_writable(state: State) -> None:

@@ -2,8 +2,9 @@
 
 Images are cropped to 8-bit tensors on the request's thread (``prepare``: Pillow and a copy,
 no tensor arithmetic, so request threads never start CPU kernel thread pools); the batcher
-stacks them, moves the uint8 batch to the device (a quarter of float32's bytes), normalises it
-there and runs one forward pass on its single worker thread (``embed_tensors``).
+stacks them and runs one forward pass on its single worker thread (``embed_tensors``) through
+the bulk indexer's :class:`~model.inference.Embedder`: the uint8 batch goes to the device (a
+quarter of float32's bytes), is normalised there, and runs at the same precision.
 
 That thread is the network's only user in the service: explanations and region re-pooling
 (``explain``, ``repool``) run there too, between batches, and hand back host-side results.
@@ -23,7 +24,9 @@ from app.service.batching import MicroBatcher
 from model.checkpoint import load_checkpoint
 from model.explain import PairExplanation, PooledParts, explain_pair, repool_with_regions
 from model.graphs import BucketedForward, GraphMode
-from model.transforms import Normalise, eval_crop, to_uint8_tensor
+from model.inference import Embedder, stack_crops
+from model.net import EmbeddingOutput
+from model.transforms import eval_crop, to_uint8_tensor
 
 __all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError"]
 
@@ -51,6 +54,7 @@ class InferenceEngine:
         *,
         max_batch_size: int,
         max_wait_ms: float,
+        precision: str = "auto",
         on_batch: Callable[[int, float], None] | None = None,
         graphs: GraphMode = "off",
     ) -> None:
@@ -61,17 +65,20 @@ class InferenceEngine:
         except Exception as error:  # any load failure must stop startup with its reason
             raise StartupError(f"cannot load checkpoint {checkpoint}: {error}") from error
         self.device = device
-        self.net = loaded.net.eval()
         self.config = loaded.config
         self.fingerprint: str = loaded.fingerprint
         self.preprocessing = loaded.config.preprocessing
         self.embedding_dim: int = loaded.config.embedding_dim
         self._crop = eval_crop(self.preprocessing)
-        self._normalise = Normalise(self.preprocessing, device)
+        try:
+            self._embedder = Embedder(loaded.net, self.preprocessing, device, precision)
+        except ValueError as error:
+            raise StartupError(str(error)) from error
+        self.net = self._embedder.net
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
         self.crop_fraction = self.preprocessing.crop_fraction
         # CUDA graphs per bucketed batch size (model/graphs.py); the network itself on a CPU.
-        self._forward = BucketedForward(self.net, device, graphs)
+        self._forward = BucketedForward(self._network, device, graphs)
         self._max_batch_size = max_batch_size
         self.batcher: MicroBatcher[torch.Tensor, Embedded] = MicroBatcher(
             self.embed_tensors,
@@ -107,9 +114,14 @@ class InferenceEngine:
     def inputs(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The normalised ``(B, 3, S, S)`` network input on the device, from prepared tensors;
         equal to :func:`~model.transforms.eval_transform`'s, as the indexer computed it."""
-        # A lone image needs no stacking copy: its pixels go to the device as they are.
-        batch = tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
-        return self._normalise(batch.to(self.device, non_blocking=True))
+        return self._embedder.inputs(stack_crops(tensors))
+
+    def _network(self, inputs: torch.Tensor) -> EmbeddingOutput:
+        """The embedder's network at its precision on a normalised device batch (what
+        :attr:`_forward` captures: everything after the host-to-device copy)."""
+        with self._embedder.autocast():
+            output = self.net(inputs)
+        return EmbeddingOutput(embedding=output.embedding.float(), weights=output.weights.float())
 
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:

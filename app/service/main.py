@@ -10,19 +10,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.service.dependencies import add_error_handlers, document_match_count
+from app.service.dependencies import (
+    add_error_handlers,
+    check_read_key,
+    client_identity,
+    document_match_count,
+    presented_key,
+)
 from app.service.forwarding import ForwardWrites
 from app.service.images import treat_decompression_bombs_as_errors
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
 from app.service.metrics import ServiceMetrics
-from app.service.middleware import AccessMiddleware, InFlightLimit
-from app.service.routes import OPERATIONS_ROUTER, V1_ROUTERS
+from app.service.middleware import AccessMiddleware, Admission, ClientLimit
+from app.service.routes import KEY_FORM_ROUTER, OPERATIONS_ROUTER, V1_ROUTERS
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ServiceState
@@ -32,12 +38,34 @@ from model.hardware import DeviceError, resolve_device
 from model.runtime import RuntimeOptions, set_runtime_options
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from starlette.types import Scope
+
     from index.gallery import Gallery
 
 __all__ = ["create_app"]
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 _service_log = logging.getLogger("gsp.service")
+# Multipart framing and the form's text fields, beside the uploads themselves.
+_FORM_OVERHEAD_BYTES = 1024 * 1024
+# Uploads in the largest request but a gallery add: a region search's image and its two masks.
+_UPLOADS_PER_QUERY = 3
+
+
+def _body_limit(settings: Settings) -> Callable[[Scope], int]:
+    """Bytes a request's body may have: a gallery add carries up to ``max_add_images`` uploads,
+    any other request at most a region search's three."""
+    gallery_add = settings.max_upload_bytes * settings.max_add_images + _FORM_OVERHEAD_BYTES
+    query = settings.max_upload_bytes * _UPLOADS_PER_QUERY + _FORM_OVERHEAD_BYTES
+
+    def limit(scope: Scope) -> int:
+        path = scope.get("path", "")
+        adds = scope.get("method") == "POST" and path.rstrip("/").endswith("/v1/gallery")
+        return gallery_add if adds else query
+
+    return limit
 
 
 def _gallery_info(store: GalleryStore, gallery: Gallery) -> dict[str, str]:
@@ -60,6 +88,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         device,
         max_batch_size=settings.effective_batch_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        precision=settings.precision,
         on_batch=metrics.observe_batch,
         graphs=settings.cuda_graphs,
     )
@@ -156,28 +185,47 @@ def create_app(settings: Settings, *, leader: Path | None = None) -> FastAPI:
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
-    if leader is not None:
+    if leader is not None:  # inside the admission limits: a forwarded write holds a slot
         app.add_middleware(ForwardWrites, leader=leader, after_write=state.store.refresh)
-    app.add_middleware(InFlightLimit, limit=settings.max_in_flight, metrics=metrics)
-    # Added last, so outermost: the in-flight limit's refusals are logged and counted too.
     app.add_middleware(
-        AccessMiddleware,
+        Admission,
+        limit=settings.max_in_flight,
         metrics=metrics,
-        body_limit=settings.max_upload_bytes * settings.max_add_images + 1024 * 1024,
+        body_limit=_body_limit(settings),
+        body_timeout=settings.body_timeout_s,
     )
+    if settings.max_in_flight_per_client:  # outside admission: it counts bodies still arriving
+        app.add_middleware(
+            ClientLimit,
+            limit=settings.max_in_flight_per_client,
+            identify=client_identity(settings),
+        )
+    # Added last, so outermost: the refusals of the limits are logged and counted too.
+    app.add_middleware(AccessMiddleware, metrics=metrics)
 
     add_error_handlers(app)
-    # Every /v1 route may be refused by the in-flight limit; the OpenAPI document says so.
-    overloaded: dict[int | str, dict[str, Any]] = {
-        503: {"model": ErrorResponse, "description": "busy (GSP_MAX_IN_FLIGHT) or stopping; retry"}
+    # What every /v1 route may answer before it runs; the OpenAPI document says so.
+    admission: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": description}
+        for status, description in (
+            (401, "a read key is needed (GSP_READ_KEYS) and none was given"),
+            (403, "the key is not valid"),
+            (408, "the body did not arrive in time (GSP_BODY_TIMEOUT_S)"),
+            (413, "the body is too large"),
+            (429, "this client has too many requests open (GSP_MAX_IN_FLIGHT_PER_CLIENT)"),
+            (503, "busy (GSP_MAX_IN_FLIGHT) or stopping; retry"),
+        )
     }
     for router in V1_ROUTERS:
-        app.include_router(router, responses=overloaded)
+        app.include_router(router, responses=admission, dependencies=[Depends(check_read_key)])
     app.include_router(OPERATIONS_ROUTER)
+    app.include_router(KEY_FORM_ROUTER)
     document_match_count(app, settings)
 
-    @app.get("/", include_in_schema=False)
-    async def index_page() -> FileResponse:
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def index_page(request: Request) -> FileResponse | RedirectResponse:
+        if settings.reads_need_key and not settings.grants_read(presented_key(request)):
+            return RedirectResponse("key", status_code=303)
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

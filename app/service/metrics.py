@@ -70,6 +70,21 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.in_flight_limit = Gauge(
+            "gsp_http_requests_in_flight_limit",
+            "The in-flight limit (GSP_MAX_IN_FLIGHT)",
+            registry=self.registry,
+        )
+        self.saturated = Gauge(
+            "gsp_http_saturated",
+            "1 while every in-flight slot is taken (new requests get 503); /readyz stays ready",
+            registry=self.registry,
+        )
+        self.reading_bodies = Gauge(
+            "gsp_http_requests_reading_body",
+            "Requests whose bodies are still arriving (they hold no in-flight slot)",
+            registry=self.registry,
+        )
         self.gallery_items = Gauge(
             "gsp_gallery_items",
             "Items in the served gallery",

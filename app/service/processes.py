@@ -187,6 +187,7 @@ def _serve_one(
 
     from app.service.inference import StartupError
     from app.service.main import create_app
+    from app.service.server import server_options
 
     leader = None if index == 0 else process_socket(run_dir, 0)
     if leader is not None:
@@ -200,5 +201,6 @@ def _serve_one(
     private_path.unlink(missing_ok=True)
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(str(private_path))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
+    options = server_options(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, **options))
     server.run(sockets=[listener, private])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.graphs import GraphMode
-from model.hardware import DEVICE_NAMES, check_device_name, usable_cpus
+from model.hardware import DEVICE_NAMES, Precision, check_device_name, usable_cpus
 from model.runtime import Kernel, RuntimeOptions
 
 __all__ = ["Settings"]
@@ -42,6 +44,11 @@ class Settings(BaseSettings):
         "the service follows (gallery_follow_interval_s; SIGHUP or reload-gallery at once)",
     )
     device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
+    precision: Precision = Field(
+        default="auto",
+        description="the network's arithmetic, as `gsp index build --precision`: auto is fp16 "
+        "autocast on CUDA and fp32 on the CPU, so uploads embed as the indexer embedded files",
+    )
     kernel: Kernel = Field(
         default=_RUNTIME_DEFAULTS.kernel,
         description="how the GSP layer runs on CUDA: 'compiled' (torch.compile'd parts) or "
@@ -57,6 +64,12 @@ class Settings(BaseSettings):
     default_k: int = Field(default=10, ge=1)
     max_add_images: int = Field(default=64, ge=1, description="images per POST /v1/gallery")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    read_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="keys for the search and image routes; when set, reads need one of them or "
+        "a write key (header X-API-Key, or the cookie the page's key form sets)",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     image_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
@@ -71,6 +84,35 @@ class Settings(BaseSettings):
         le=100_000,
         description="requests in progress at once; more get 503 with Retry-After "
         "(/healthz, /readyz and /metrics are never refused)",
+    )
+    max_in_flight_per_client: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="requests one client (its key, else its address) may have open at once, "
+        "bodies still arriving included; more get 429. 0: no per-client limit",
+    )
+    trusted_proxies: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = (
+        Field(
+            default_factory=list,
+            description="addresses or networks of reverse proxies whose X-Forwarded-For and "
+            "X-Forwarded-Proto name the client and scheme; from any other peer they are ignored",
+        )
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="bytes of request line and headers; more get 431"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="seconds a client has to send a request's headers; then 408 and the "
+        "connection is closed",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="seconds a client has to send a request's whole body; then 408. No request "
+        "takes an in-flight slot before its body is in",
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     cpu_workers: int = Field(
@@ -111,7 +153,9 @@ class Settings(BaseSettings):
         "0: only on reload",
     )
 
-    @field_validator("api_keys", "cors_origins", "image_roots", mode="before")
+    @field_validator(
+        "api_keys", "read_keys", "cors_origins", "image_roots", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _lists_from_text(cls, value: object) -> object:
         return _split_list(value)
@@ -134,3 +178,18 @@ class Settings(BaseSettings):
 
     def api_key_values(self) -> frozenset[str]:
         return frozenset(key.get_secret_value() for key in self.api_keys)
+
+    @property
+    def reads_need_key(self) -> bool:
+        return bool(self.read_keys)
+
+    def grants_read(self, key: str | None) -> bool:
+        """Whether ``key`` is a read key or a write key (write keys read too); constant-time
+        in the key's contents."""
+        if not key:
+            return False
+        given = key.encode()
+        return any(
+            hmac.compare_digest(given, valid.get_secret_value().encode())
+            for valid in (*self.read_keys, *self.api_keys)
+        )

@@ -14,6 +14,13 @@ from model.data.collage import (
     target_cell_mask,
 )
 from model.data.folder import CsvListDataset, ImageFolderDataset, list_images
+from model.data.holdout import (
+    HOLDOUT_KINDS,
+    HeldOutPart,
+    carve_specs,
+    check_disjoint,
+    held_out_part,
+)
 from model.data.registry import (
     DATA_KINDS,
     data_kind,
@@ -29,17 +36,22 @@ __all__ = [
     "DATA_KINDS",
     "DEFAULT_NUISANCE_CLASSES",
     "DEFAULT_TARGET_CLASSES",
+    "HOLDOUT_KINDS",
     "BenchmarkDataset",
     "CollageDataset",
     "CsvListDataset",
+    "HeldOutPart",
     "ImageFolderDataset",
     "LabeledImageDataset",
     "MPerClassBatchSampler",
+    "carve_specs",
+    "check_disjoint",
     "collage_masks",
     "data_kind",
     "dataset_identity",
     "default_split",
     "ensure_cifar10",
+    "held_out_part",
     "list_images",
     "load_benchmark",
     "load_image",

@@ -179,11 +179,12 @@ def target_cell_mask(
 
     A location belongs to a cell when its centre lies strictly inside that cell. Location
     ``(i, j)`` of an ``h x w`` map has its centre at ``((i + 0.5) / h, (j + 0.5) / w)`` of the
-    network input. A centre exactly on a cell border belongs to no cell. So with a 224-px input and
-    a 7 x 7 map on a 2 x 2 grid, the middle row and column (centre 0.5) are left out and every cell
-    gets the same 3 x 3 locations: with uniform weights the share is 9/49 for every target
-    position, rather than favouring the cells that would win the ties. Maps that split evenly
-    (e.g. 14 x 14 on 2 x 2) partition exactly.
+    network input. A centre exactly on a cell border belongs to no cell, so no cell wins ties.
+    Cells need not get equally many locations: a 7 x 7 map on a 2 x 2 grid gives every cell
+    3 x 3 (the middle row and column are left out), but on a 3 x 3 grid the corner cells get
+    2 x 2, the edge cells 2 x 3 and the centre 3 x 3.  What uniform weights put on a target cell
+    therefore depends on where it is; :func:`~model.evaluate.score` reports that uniform share
+    per image (``uniform_mass_share``), the baseline for the target-cell mass share.
 
     ``crop_fraction`` is the side of the network input as a fraction of the resized canvas when it
     was centre-cropped (:attr:`~model.config.Preprocessing.crop_fraction` for

@@ -3,6 +3,8 @@ training configs and ``gsp eval --data`` use to name a data set, turned into dat
 
 A spec names exactly one reader; ``split`` picks a split, otherwise training uses ``train`` and
 evaluation ``test`` (In-Shop: ``query`` against ``gallery``; folders and CSV lists: ``all``).
+A ``holdout`` entry (written by :func:`~model.data.holdout.carve_specs`) keeps one part of the
+split: the training part, or the validation part carved from it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from model.data.benchmarks import load_benchmark
 from model.data.cifar import ensure_cifar10
 from model.data.collage import CollageDataset
 from model.data.folder import CsvListDataset, ImageFolderDataset
+from model.data.holdout import held_out_part
 
 __all__ = ["DATA_KINDS", "data_kind", "dataset_identity", "default_split", "open_dataset"]
 
@@ -49,6 +52,9 @@ def open_dataset(
     spec: dict[str, Any], split: str, transform: Callable | None
 ) -> LabeledImageDataset:
     """The data set a spec names, for one split, with ``transform`` applied to each image."""
+    if "holdout" in spec:
+        whole = {key: value for key, value in spec.items() if key != "holdout"}
+        return held_out_part(open_dataset(whole, split, transform), spec["holdout"])
     kind = data_kind(spec)
     if kind == "folder":
         return ImageFolderDataset(spec["folder"], transform=transform)

@@ -9,7 +9,24 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 from torch.utils.data import Sampler
 
-__all__ = ["MPerClassBatchSampler"]
+__all__ = ["MPerClassBatchSampler", "check_batch_composition"]
+
+
+def check_batch_composition(labels: Sequence[int] | np.ndarray, m: int, batch_size: int) -> None:
+    """Fail, saying what to change, when ``labels`` cannot fill batches of ``batch_size`` with
+    ``m`` images of each of ``batch_size / m`` distinct classes."""
+    if m < 1 or batch_size < 1 or batch_size % m:
+        raise ValueError(
+            f"data.batch_size ({batch_size}) must be a positive multiple of data.m_per_class ({m})"
+        )
+    num_classes = len(np.unique(np.asarray(labels)))
+    needed = batch_size // m
+    if num_classes < needed:
+        raise ValueError(
+            f"data.batch_size {batch_size} with data.m_per_class {m} needs {needed} classes per "
+            f"batch, but the training split has {num_classes}: set data.batch_size to a "
+            f"multiple of {m} no larger than {num_classes * m}, or lower data.m_per_class"
+        )
 
 
 class MPerClassBatchSampler(Sampler[list[int]]):
@@ -34,13 +51,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError("labels must be a non-empty 1-d sequence of class indices")
-        if m < 1 or batch_size < 1 or batch_size % m:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of m ({m})")
-        num_classes = len(np.unique(labels))
-        if num_classes * m < batch_size:
-            raise ValueError(
-                f"a batch needs {batch_size // m} classes of {m}; labels have {num_classes} classes"
-            )
+        check_batch_composition(labels, m, batch_size)
         if batches_per_epoch is None:
             batches_per_epoch = max(1, len(labels) // batch_size)
         if batches_per_epoch < 1:

@@ -2,7 +2,8 @@
 
 An epoch directory is a model checkpoint (``model.checkpoint``) plus the trainer state, written
 last, so its presence marks the epoch complete and resumable.  ``best`` is a copy of the
-checkpointed epoch with the highest validation MAP@R, swapped in whole by a rename.
+checkpointed epoch with the highest MAP@R on the validation split (``data.val``, never the
+test split), swapped in whole by a rename.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ class RunDirectory:
         if directory.exists():
             shutil.rmtree(directory)
         save_checkpoint(directory, parts.net, config.model, **metadata)
-        map_at_r = record.get("map_at_r")
+        map_at_r = record.get("val", {}).get("map_at_r")
         if map_at_r is not None and map_at_r > best_map:
             best_map = float(map_at_r)
-            self._replace_best(config, parts, metadata, {"epoch": epoch, "map_at_r": best_map})
+            best = {"epoch": epoch, "map_at_r": best_map, "selected_on": "val"}
+            self._replace_best(config, parts, metadata, best)
         save_trainer_state(directory, parts, epoch, best_map)  # last: marks the epoch complete
         if config.keep_checkpoints > 0:
             for old in range(1, epoch - config.keep_checkpoints + 1):

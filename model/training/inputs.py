@@ -1,5 +1,5 @@
 """What a run feeds its network: m-per-class training batches (images, or cached feature maps
-in frozen-backbone runs) and the validation inputs."""
+in frozen-backbone runs) and the validation and test inputs, checked before any slow work."""
 
 from __future__ import annotations
 
@@ -10,16 +10,55 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from model.data import CollageDataset, MPerClassBatchSampler, default_split, open_dataset
+from model.data import (
+    CollageDataset,
+    MPerClassBatchSampler,
+    carve_specs,
+    check_disjoint,
+    default_split,
+    open_dataset,
+)
+from model.data.sampling import check_batch_composition
 from model.evaluate import EvalInputs
 from model.feature_cache import FeatureMapSet
-from model.net import EmbeddingNet
+from model.net import EmbeddingNet, build_embedding_net
 from model.training.distributed import DistributedContext
 from model.training.feature_maps import split_feature_maps
 from model.training_config import TrainingConfig
 from model.transforms import eval_transform, train_transform
 
-__all__ = ["MapBatches", "TrainSource", "build_eval_inputs", "train_loader", "train_source"]
+__all__ = [
+    "MapBatches",
+    "TrainSource",
+    "build_eval_inputs",
+    "cache_features",
+    "check_data",
+    "selection_specs",
+    "train_loader",
+    "train_source",
+]
+
+
+def selection_specs(config: TrainingConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The specs training and validation read: ``data.train`` and ``data.val``, with a holdout
+    val carved out of the training split (``model.data.holdout``)."""
+    (split,) = default_split(config.data.train, training=True)
+    return carve_specs(config.data.train, config.data.val, split)
+
+
+def check_data(config: TrainingConfig) -> None:
+    """Open every split without decoding an image and fail early, before features are cached or
+    a step is taken: batches the training classes cannot fill, a val or test split that shares
+    images with training or with each other."""
+    train_spec, val_spec = selection_specs(config)
+    (split,) = default_split(train_spec, training=True)
+    training = open_dataset(train_spec, split, None)
+    check_batch_composition(training.targets, config.data.m_per_class, config.data.batch_size)
+    parts = {"train": [training]}
+    for name, spec in (("val", val_spec), ("test", config.data.test)):
+        if spec:
+            parts[name] = [open_dataset(spec, s, None) for s in default_split(spec, False)]
+    check_disjoint(parts)
 
 
 @dataclass
@@ -32,13 +71,16 @@ class TrainSource:
     description: dict[str, Any]
 
 
-def train_source(config: TrainingConfig, net: EmbeddingNet, ctx: DistributedContext) -> TrainSource:
-    """The training split of ``data.train``: augmented images, or the frozen backbone's maps."""
-    spec = config.data.train
+def train_source(
+    config: TrainingConfig, net: EmbeddingNet, ctx: DistributedContext, progress: bool = True
+) -> TrainSource:
+    """The training split of ``data.train`` (less a carved-out val): augmented images, or the
+    frozen backbone's maps."""
+    spec, _ = selection_specs(config)
     (split,) = default_split(spec, training=True)
     items: Dataset
     if config.frozen_backbone:
-        items, images = split_feature_maps(config, net, spec, split, ctx)
+        items, images = split_feature_maps(config, net, spec, split, ctx, progress)
     else:
         transform = train_transform(config.model.preprocessing, **config.data.augment)
         items = images = open_dataset(spec, split, transform)
@@ -92,13 +134,15 @@ def build_eval_inputs(
     net: EmbeddingNet,
     spec: dict[str, Any],
     ctx: DistributedContext | None = None,
+    progress: bool = True,
 ) -> EvalInputs:
-    """What validation embeds: the eval split's images, or their cached feature maps."""
+    """What validation (or the test) embeds: the spec's evaluation splits' images, or their
+    cached feature maps."""
     ctx = ctx or DistributedContext.single(next(net.parameters()).device)
     splits = default_split(spec, training=False)
     preprocessing = config.model.preprocessing
     if config.frozen_backbone:
-        pairs = [split_feature_maps(config, net, spec, split, ctx) for split in splits]
+        pairs = [split_feature_maps(config, net, spec, split, ctx, progress) for split in splits]
         sets: list[Dataset] = [maps for maps, _ in pairs]
         query: Dataset = pairs[0][1]
         forward: Callable[[Tensor], Any] = net.pool
@@ -113,4 +157,23 @@ def build_eval_inputs(
         collage=query if isinstance(query, CollageDataset) else None,
         crop_fraction=preprocessing.crop_fraction,
         num_workers=0 if config.frozen_backbone else config.data.num_workers,
+        progress=progress and ctx.main,
     )
+
+
+def cache_features(config: TrainingConfig, progress: bool = True) -> None:
+    """Fill the feature cache of the training, validation and test splits of a frozen-backbone
+    run (the slow part, done once; later runs with the same backbone and data read it)."""
+    if not config.frozen_backbone:
+        raise ValueError("only a frozen_backbone run uses the feature cache")
+    check_data(config)
+    ctx = DistributedContext.single()
+    net = build_embedding_net(config.model).to(ctx.device).requires_grad_(False)
+    train_spec, val_spec = selection_specs(config)
+    specs = [(train_spec, default_split(train_spec, training=True))]
+    for spec in (val_spec, config.data.test):
+        if spec:
+            specs.append((spec, default_split(spec, training=False)))
+    for spec, splits in specs:
+        for split in splits:
+            split_feature_maps(config, net, spec, split, ctx, progress)

@@ -1,9 +1,11 @@
 """The training loop: from a :class:`TrainingConfig` to a run directory of checkpoints.
 
 Each epoch draws ``steps_per_epoch`` m-per-class batches; every ``checkpoint_every`` epochs
-(and after the last) rank 0 validates, writes ``epoch-NNN`` and refreshes ``best``; every epoch
-adds a line to ``metrics.jsonl``.  ``resume`` continues after the last complete epoch with the
-optimiser, schedule and random streams as they were.
+(and after the last) rank 0 validates on ``data.val``, writes ``epoch-NNN`` and refreshes
+``best``; every epoch adds a line to ``metrics.jsonl``.  ``schedule.patience`` stops a run whose
+validation MAP@R has stopped improving.  Then ``best`` (the last epoch without a val split) is
+scored once on ``data.test``, into ``test_metrics.json``.  ``resume`` continues after the last
+complete epoch with the optimiser, schedule and random streams as they were.
 """
 
 from __future__ import annotations
@@ -25,16 +27,24 @@ from tqdm import tqdm
 from model.data import MPerClassBatchSampler
 from model.evaluate import score
 from model.net import EmbeddingNet, build_embedding_net
-from model.training.checkpoints import RunDirectory
+from model.training.checkpoints import BEST_DIR, RunDirectory
 from model.training.distributed import DistributedContext, init_distributed, seed_everything
 from model.training.inputs import (
     MapBatches,
     TrainSource,
     build_eval_inputs,
+    check_data,
+    selection_specs,
     train_loader,
     train_source,
 )
-from model.training.metrics_log import PLOT_FILE, append_metrics, plot_metrics, truncate_metrics
+from model.training.metrics_log import (
+    PLOT_FILE,
+    append_metrics,
+    plot_metrics,
+    truncate_metrics,
+    write_test_metrics,
+)
 from model.training.optim import build_optimizer, build_scheduler
 from model.training.state import TrainingParts
 from model.training.step import TrainingStep, build_objective, gsp_pooling
@@ -50,6 +60,7 @@ class TrainResult:
     output_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
+    test: dict[str, Any] | None = None
 
 
 def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
@@ -64,14 +75,14 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
         raise FileExistsError(
             f"{output} already holds epoch checkpoints; pass --resume or choose another output_dir"
         )
+    check_data(config)  # before the feature cache and the first step, not after
     seed_everything(config.seed + ctx.rank)
     net = build_embedding_net(config.model).to(ctx.device)
     if config.frozen_backbone:
         net.backbone.requires_grad_(False)
-    source = train_source(config, net, ctx)
-    eval_inputs = (
-        build_eval_inputs(config, net, config.data.eval, ctx) if config.data.eval else None
-    )
+    source = train_source(config, net, ctx, show_progress)
+    _, val_spec = selection_specs(config)
+    val_inputs = build_eval_inputs(config, net, val_spec, ctx, show_progress) if val_spec else None
     objective = build_objective(config, net, source.num_classes).to(ctx.device)
     optimizer = build_optimizer(config, net, objective)
     loader = train_loader(config, source, ctx)
@@ -96,19 +107,62 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
         record = _train_epoch(config, epoch, step_module, parts, loader, steps, ctx, show_progress)
         checkpoint = epoch % config.checkpoint_every == 0 or epoch == config.schedule.epochs
         if ctx.main and checkpoint:
-            if eval_inputs is not None:
+            if val_inputs is not None:
                 net.eval()
                 with _autocast_eval(ctx, config.amp):
-                    record.update(score(eval_inputs, config.eval_batch_size, ctx.device))
+                    record["val"] = score(val_inputs, config.eval_batch_size, ctx.device)
             best_map = run.save_epoch(config, epoch, parts, record, best_map, description)
         if ctx.main:
             result.history = append_metrics(output, record)
             if checkpoint:
                 plot_metrics(result.history, output / PLOT_FILE)
         ctx.barrier()
+        if checkpoint and _out_of_patience(config, run, epoch):
+            break
     if ctx.main:
         result.best_epoch = run.best_epoch()
+        if config.data.test:
+            result.test = _test_once(config, run, net, ctx, show_progress)
     return result
+
+
+def _out_of_patience(config: TrainingConfig, run: RunDirectory, epoch: int) -> bool:
+    """Whether ``schedule.patience`` validations have passed since the best one."""
+    best = run.best_epoch()
+    if not config.schedule.patience or best is None:
+        return False
+    return (epoch - best) // config.checkpoint_every >= config.schedule.patience
+
+
+def _test_once(
+    config: TrainingConfig,
+    run: RunDirectory,
+    net: EmbeddingNet,
+    ctx: DistributedContext,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Score the selected weights (``best``, or the last epoch when nothing was validated) on
+    ``data.test``, once, and record it apart from the per-epoch validation metrics."""
+    from model.checkpoint import load_checkpoint
+
+    best = run.best_epoch()
+    source = run.root / BEST_DIR if best is not None else run.epoch_dir(run.last_epoch())
+    net.load_state_dict(load_checkpoint(source, device=str(ctx.device)).net.state_dict())
+    net.eval()
+    test_spec = config.data.test or {}
+    inputs = build_eval_inputs(config, net, test_spec, ctx, show_progress)
+    with _autocast_eval(ctx, config.amp):
+        metrics = score(inputs, config.eval_batch_size, ctx.device)
+    record = {
+        "split": "test",
+        "data": test_spec,
+        "checkpoint": source.name,
+        "epoch": best if best is not None else run.last_epoch(),
+        "selected_on": "val MAP@R" if best is not None else "nothing: the last epoch",
+        "metrics": metrics,
+    }
+    write_test_metrics(run.root, record)
+    return record
 
 
 def _train_epoch(

@@ -1,4 +1,5 @@
-"""A run's metrics: one JSON line per epoch in ``metrics.jsonl`` and the ``metrics.png`` plot.
+"""A run's metrics: one JSON line per epoch in ``metrics.jsonl`` (validation metrics under
+``val``), the ``metrics.png`` plot, and ``test_metrics.json``, the one test score of the run.
 
 The log outlives crashes line by line; a resumed run first drops the lines of the epochs it
 will redo, so every epoch appears once.
@@ -10,10 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "append_metrics", "plot_metrics", "truncate_metrics"]
+__all__ = [
+    "METRICS_FILE",
+    "PLOT_FILE",
+    "TEST_FILE",
+    "append_metrics",
+    "plot_metrics",
+    "truncate_metrics",
+    "write_test_metrics",
+]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+TEST_FILE = "test_metrics.json"
 
 
 def truncate_metrics(output: Path, last_epoch: int) -> None:
@@ -33,8 +43,13 @@ def append_metrics(output: Path, record: dict[str, Any]) -> list[dict[str, Any]]
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_test_metrics(output: Path, record: dict[str, Any]) -> None:
+    """Write the run's test score, kept apart from the validation metrics that selected it."""
+    (output / TEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and MAP@R per epoch, side by side, as a PNG."""
+    """Loss and validation MAP@R per epoch, side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,8 +59,8 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, [record["loss"] for record in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    scored = [record for record in history if record.get("map_at_r") is not None]
-    right.plot([r["epoch"] for r in scored], [r["map_at_r"] for r in scored], marker="o")
+    scored = [record for record in history if "val" in record]
+    right.plot([r["epoch"] for r in scored], [r["val"]["map_at_r"] for r in scored], marker="o")
     right.set(xlabel="epoch", ylabel="MAP@R", title="validation MAP@R")
     for axis in (left, right):
         axis.grid(alpha=0.3)
