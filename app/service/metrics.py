@@ -2,8 +2,9 @@
 
 Under ``gsp serve --processes N`` the server sets ``PROMETHEUS_MULTIPROC_DIR`` before starting
 its processes: prometheus-client then keeps every value in files there, and ``/metrics`` from
-any process reports the sums over all of them (gauges: requests in flight summed over live
-processes, the gallery size as last set). Info metrics cannot be shared that way; each process
+any process reports the sums over all of them (gauges: requests in flight, their limits and
+bodies being read summed over live processes, saturation if any process is saturated, the
+gallery size as last set). Info metrics cannot be shared that way; each process
 reports its own, which are the same model and gallery in every process.
 """
 
@@ -74,16 +75,19 @@ class ServiceMetrics:
             "gsp_http_requests_in_flight_limit",
             "The in-flight limit (GSP_MAX_IN_FLIGHT)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.saturated = Gauge(
             "gsp_http_saturated",
             "1 while every in-flight slot is taken (new requests get 503); /readyz stays ready",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.reading_bodies = Gauge(
             "gsp_http_requests_reading_body",
             "Requests whose bodies are still arriving (they hold no in-flight slot)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.gallery_items = Gauge(
             "gsp_gallery_items",
