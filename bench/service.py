@@ -9,9 +9,17 @@ engine and gallery without HTTP) for the same query image, and each of the serve
 with the rest of the latency split into FastAPI's share (from the access log, which is on as in
 production) and uvicorn + socket + client.
 
+With ``--processes 1,2`` (the default) the batching server also runs as ``gsp serve --processes
+2`` (a leader and a follower on one port), printed side by side with one process; with
+``--client-processes K`` the load comes from K processes, so that the client is not what is
+measured on a many-core machine.
+
 Targets: concurrency 1 p50 <= 1.25x in-process; concurrency 32 throughput with batching >= 1.5x
-without; zero errors. Without --checkpoint/--gallery a throwaway GSP checkpoint (resnet50 with
-random weights by default) and a gallery of drawn images are built under a temporary directory.
+without; several processes' c=1 p50 no worse than one's (measured with all of them running, one
+request to each in turn; within 10% for noise); zero errors.
+
+Without --checkpoint/--gallery a throwaway GSP checkpoint (resnet50 with random weights by
+default) and a gallery of drawn images are built under a temporary directory.
 
     .venv/bin/python bench/service.py [--device cpu|cuda] [--backbone resnet50] [--image-size 224]
 """
@@ -23,6 +31,7 @@ import asyncio
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -212,7 +221,7 @@ def free_port() -> int:
 
 
 def start_server(
-    checkpoint: Path, gallery: Path, device: str, batching: bool, log_dir: Path
+    checkpoint: Path, gallery: Path, device: str, batching: bool, log_dir: Path, processes: int = 1
 ) -> tuple[subprocess.Popen, str, Path]:
     """A ``gsp serve`` process that answers /readyz, its URL and the file it logs to."""
     port = free_port()
@@ -222,9 +231,11 @@ def start_server(
     ]  # fmt: skip
     if not batching:
         command.append("--no-batching")
+    if processes > 1:
+        command += ["--processes", str(processes)]
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # The JSON access log is on, as in production, and goes to a file (one line per request).
-    log = log_dir / f"server-{'batching' if batching else 'no-batching'}.log"
+    log = log_dir / f"server-{'batching' if batching else 'no-batching'}-{processes}.log"
     process = subprocess.Popen(
         command,
         cwd=REPO,
@@ -349,20 +360,73 @@ async def drive(
     return LevelResult(concurrency, issued, errors, seconds, latencies, server_ms)
 
 
+async def alternate(urls: list[str], query: bytes, rounds: int) -> list[list[float]]:
+    """c=1 latencies of several servers measured in alternation (one request to each in turn,
+    the starting server rotating), so that a busy machine's drift hits all of them alike."""
+    connections = []
+    for url in urls:
+        host, port = url.removeprefix("http://").split(":")
+        connections.append(await asyncio.open_connection(host, int(port)))
+    requests = [search_request(url, query, "bench-alternate") for url in urls]
+    latencies: list[list[float]] = [[] for _ in urls]
+    try:
+        for turn in range(rounds + 2):  # the first two rounds warm up
+            for step in range(len(urls)):
+                which = (turn + step) % len(urls)
+                begin = time.perf_counter()
+                status, _ = await exchange(*connections[which], requests[which])
+                if status == 200 and turn >= 2:
+                    latencies[which].append((time.perf_counter() - begin) * 1000.0)
+    finally:
+        for _, writer in connections:
+            writer.close()
+    return latencies
+
+
 def level_request_id(concurrency: int) -> str:
     """The X-Request-ID of a level's requests, by which its access-log lines are found."""
     return f"bench-c{concurrency}"
 
 
+def drive_share(arguments: tuple[str, bytes, int, int, float, str]) -> LevelResult:
+    """One client process's share of a level (run in a pool)."""
+    return asyncio.run(drive(*arguments))
+
+
+def drive_level(
+    url: str, query: bytes, concurrency: int, requests: int, max_seconds: float, clients: int
+) -> LevelResult:
+    """A level driven from ``clients`` processes (each with its share of the connections and
+    requests), merged; one client runs in this process."""
+    tag = level_request_id(concurrency)
+    clients = max(1, min(clients, concurrency))
+    if clients == 1:
+        return asyncio.run(drive(url, query, concurrency, requests, max_seconds, tag))
+    shares = [
+        (url, query, concurrency // clients + (i < concurrency % clients),
+         requests // clients + (i < requests % clients), max_seconds, tag)
+        for i in range(clients)
+    ]  # fmt: skip
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        parts = pool.map(drive_share, shares)
+    merged = LevelResult(concurrency, 0, 0, max(p.seconds for p in parts), [], {})
+    for part in parts:
+        merged.requests += part.requests
+        merged.errors += part.errors
+        merged.latencies_ms += part.latencies_ms
+        for stage, values in part.server_ms.items():
+            merged.server_ms.setdefault(stage, []).extend(values)
+    return merged
+
+
 def run_levels(
-    url: str, query: bytes, levels: list[int], requests: int, max_seconds: float
+    url: str, query: bytes, levels: list[int], requests: int, max_seconds: float, clients: int = 1
 ) -> list[LevelResult]:
     asyncio.run(drive(url, query, 4, 16, 30, "bench-warm-up"))
     results = []
     for concurrency in levels:
         count = requests if concurrency > 1 else max(requests // 4, 20)
-        tag = level_request_id(concurrency)
-        results.append(asyncio.run(drive(url, query, concurrency, count, max_seconds, tag)))
+        results.append(drive_level(url, query, concurrency, count, max_seconds, clients))
     return results
 
 
@@ -394,8 +458,13 @@ def main() -> int:
     )
     parser.add_argument("--max-seconds", type=float, default=40.0, help="time budget per level")
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument(
+        "--processes", default="1,2", help="server process counts, batching on (1 is always run)"
+    )
+    parser.add_argument("--client-processes", type=int, default=1, help="load generators")
     args = parser.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
+    counts = sorted({1, *(int(v) for v in args.processes.split(","))})
 
     with tempfile.TemporaryDirectory(prefix="gsp-bench-") as scratch:
         if args.checkpoint and args.gallery:
@@ -409,16 +478,36 @@ def main() -> int:
         query = buffer.getvalue()
 
         results: dict[str, list[LevelResult]] = {}
-        for batching in (True, False):
+        runs = [(True, 1), (False, 1), *((True, count) for count in counts if count > 1)]
+        for batching, count in runs:
             process, url, log = start_server(
-                checkpoint, gallery, args.device, batching, Path(scratch)
+                checkpoint, gallery, args.device, batching, Path(scratch), count
             )
             try:
-                mode = "on" if batching else "off"
-                results[mode] = run_levels(url, query, levels, args.requests, args.max_seconds)
+                mode = ("on" if batching else "off") + (f" x{count}" if count > 1 else "")
+                results[mode] = run_levels(
+                    url, query, levels, args.requests, args.max_seconds, args.client_processes
+                )
             finally:
                 stop_server(process)
             add_access_durations(log, results[mode])
+        alternating: dict[int, float] = {}
+        if len(counts) > 1:  # every process count at once, c=1 in alternation
+            servers = [
+                start_server(checkpoint, gallery, args.device, True, Path(scratch), count)
+                for count in counts
+            ]
+            try:
+                rounds = max(args.requests // 2, 30)
+                urls = [url for _, url, _ in servers]
+                measured = asyncio.run(alternate(urls, query, rounds))
+                alternating = {
+                    count: statistics.median(values)
+                    for count, values in zip(counts, measured, strict=True)
+                }
+            finally:
+                for process, _, _ in servers:
+                    stop_server(process)
         local = in_process_ms(checkpoint, gallery, args.device, query, repeats=30)
 
     device = (
@@ -430,16 +519,16 @@ def main() -> int:
     )
     model = "given checkpoint" if args.checkpoint else f"{args.backbone} GSP (random weights)"
     print(f"model: {model}, input {args.image_size}px; query {args.image_size + 32}px PNG;")
-    print("search: k=10, heatmaps off")
+    print(f"search: k=10, heatmaps off; {args.client_processes} client process(es)")
     for where, ms in local.references.items():
         print(f"in-process model+search, {where}: {ms:.2f} ms (median)")
     reference = min(local.references.values())
     header = ("batching", "conc", "reqs", "err", "p50 ms", "p95 ms", "p99 ms", "req/s")
-    print("{:>8} {:>4} {:>5} {:>3} {:>8} {:>8} {:>8} {:>8}".format(*header))
+    print("{:>9} {:>4} {:>5} {:>3} {:>8} {:>8} {:>8} {:>8}".format(*header))
     for mode, levels_result in results.items():
         for r in levels_result:
             print(
-                f"{mode:>8} {r.concurrency:>4} {r.requests:>5} {r.errors:>3} "
+                f"{mode:>9} {r.concurrency:>4} {r.requests:>5} {r.errors:>3} "
                 f"{r.percentile(50):8.2f} {r.percentile(95):8.2f} {r.percentile(99):8.2f} "
                 f"{r.throughput:8.1f}"
             )
@@ -467,6 +556,19 @@ def main() -> int:
     gain = on_top.throughput / off_top.throughput if off_top.throughput else float("inf")
     ok &= gain >= 1.5
     print(f"c={top} throughput batching on / off = {gain:.2f}x (target >= 1.5x)")
+    for count in counts[1:]:
+        several = results[f"on x{count}"]
+        ratio = alternating[count] / alternating[1]
+        ok &= ratio <= 1.1
+        print(
+            f"c=1 p50 in alternation, {count} processes / 1: {alternating[count]:.2f} / "
+            f"{alternating[1]:.2f} ms = {ratio:.2f}x (target <= 1.0; 1.1 allowed for noise)"
+        )
+        top_several = next(r for r in several if r.concurrency == top)
+        print(
+            f"c={top} throughput {count} processes / 1 = "
+            f"{top_several.throughput / on_top.throughput:.2f}x"
+        )
     print(f"errors: {errors} (target 0)")
     print("all targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1

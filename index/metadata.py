@@ -94,10 +94,15 @@ def _record(row: tuple) -> ItemRecord:
 class MetadataStore:
     """A thin typed layer over one SQLite file; the caller serialises writes."""
 
-    def __init__(self, path: Path, *, read_only: bool = False, create: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, read_only: bool = False, create: bool = False, immutable: bool = False
+    ) -> None:
+        """``immutable``: read-only, for a file that nothing will ever change (a published
+        gallery): SQLite then takes no locks, which network filesystems do not honour."""
         self.path = path
-        if read_only:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        if read_only or immutable:
+            flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+            self._db = sqlite3.connect(f"file:{path}?{flags}", uri=True, check_same_thread=False)
         else:
             mode = "rwc" if create else "rw"
             self._db = sqlite3.connect(
@@ -238,6 +243,10 @@ class MetadataStore:
             block = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
             yield np.fromiter((r[0] for r in rows), np.int64, len(rows)), block
             last = rows[-1][0]
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def checkpoint(self) -> None:
         """Fold the WAL into the main file so the database on disk is self-contained."""

@@ -3,16 +3,38 @@
 On a GPU every ``bool(tensor)`` waits for the launch queue to drain.  A GSP forward needs
 several data-dependent answers (finite features, finite costs, a valid transport ratio, Newton
 convergence); collecting them here and reading them together keeps it at one synchronisation.
+
+While a CUDA graph is captured no host read is allowed at all: inside
+:func:`deferred_verification` the checks are not read but folded into one flag that the graph
+computes on every replay (``model/graphs.py`` reads it after the replay), and every value asked
+for is taken as true (a solver's "converged after the first block", almost always so).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeferredChecks", "all_finite"]
+__all__ = ["DeferredChecks", "all_finite", "deferred_verification"]
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_verification() -> Iterator[list[Tensor]]:
+    """On this thread, :meth:`DeferredChecks.verify` reads nothing: it appends one 0-dim bool
+    (every condition and value held) to the list yielded, and answers its values as true."""
+    flags: list[Tensor] = []
+    previous = getattr(_deferred, "flags", None)
+    _deferred.flags = flags
+    try:
+        yield flags
+    finally:
+        _deferred.flags = previous
 
 
 def all_finite(tensor: Tensor) -> Tensor:
@@ -46,6 +68,11 @@ class DeferredChecks:
         flags = [condition for condition, _ in self._pending] + list(values)
         if not flags:
             return []
+        deferred = getattr(_deferred, "flags", None)
+        if deferred is not None:
+            self._pending = []
+            deferred.append(torch.stack([flag.reshape(()).to(torch.bool) for flag in flags]).all())
+            return [True] * len(values)
         read = torch.stack([flag.reshape(()).to(torch.bool) for flag in flags]).tolist()
         pending, self._pending = self._pending, []
         for (_, message), holds in zip(pending, read, strict=False):

@@ -475,3 +475,24 @@ def test_the_ray_compose_file_runs_the_indexer_job_on_the_cluster() -> None:
 
 def option_value(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
+
+
+def test_the_replicas_compose_file_serves_publications_behind_the_load_balancer() -> None:
+    path = ROOT / "docker-compose.replicas.yml"
+    result = _check_compose(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    image_entrypoint = _exec_form(_final_stage(), "ENTRYPOINT")
+    argv = {
+        name: _gsp_argv(image_entrypoint, [_interpolate(str(w)) for w in s["command"]], name)
+        for name, s in services.items()
+        if name != "lb"
+    }
+    for name, words in argv.items():
+        _assert_gsp_accepts(words, f"replicas compose service {name}")
+    assert argv["publisher"][:2] == ["index", "publish"]
+    published = argv["publisher"][-3]
+    for name in ("replica-1", "replica-2"):
+        assert "--read-only" in argv[name] and published in argv[name]
+    nginx = (ROOT / "docker" / "loadbalancer" / "nginx.conf").read_text()
+    assert "server replica-1:8000" in nginx and "server replica-2:8000" in nginx

@@ -245,3 +245,15 @@ def running_server(
             process.wait(timeout=5)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, seconds: float, what: str) -> None:
+    """Poll ``url``/readyz until it answers 200; fail when ``process`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"{what} exited with status {process.returncode}"
+        assert time.monotonic() < deadline, f"{what} was not ready within {seconds} s"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)

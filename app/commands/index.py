@@ -122,6 +122,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     restore.set_defaults(handler=_restore)
 
+    publish = commands.add_parser(
+        "publish",
+        help="copy a gallery as a new read-only version for api replicas (atomic; see "
+        "docs/architecture.md, scaling out)",
+    )
+    add_gallery_option(publish, help_text="the gallery to publish (it may be served meanwhile)")
+    publish.add_argument(
+        "destination", metavar="DEST", type=Path, help="new, empty or earlier publication directory"
+    )
+    publish.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="keep running: publish again whenever the gallery changed, checking this often",
+    )
+    publish.set_defaults(handler=_publish)
+
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
@@ -316,6 +333,32 @@ def _copy(source: Path, target: Path, *, replace: bool) -> int:
         return _fail(str(error))
     print(report.summary())
     return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import time
+
+    from index.errors import GalleryError
+    from index.publish import gallery_changes, publish_gallery
+
+    if args.every is not None and args.every <= 0:
+        return _fail(f"--every must be positive, got {args.every}")
+    published = None
+    while True:
+        seen = gallery_changes(args.gallery)
+        if seen != published:
+            try:
+                report = publish_gallery(args.gallery, args.destination)
+            except (GalleryError, OSError) as error:
+                if args.every is None:
+                    return _fail(str(error))
+                print(f"error: {error} (retrying)", file=sys.stderr, flush=True)
+            else:
+                print(report.summary(), flush=True)
+                published = seen
+        if args.every is None:
+            return 0
+        time.sleep(args.every)
 
 
 def _search(args: argparse.Namespace) -> int:

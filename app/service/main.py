@@ -23,6 +23,7 @@ from app.service.dependencies import (
     presented_key,
 )
 from app.service.docs import add_local_docs
+from app.service.forwarding import ForwardWrites
 from app.service.images import configure_pillow
 from app.service.inference import InferenceEngine, StartupError
 from app.service.logging import configure_logging
@@ -90,6 +91,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         max_wait_ms=settings.batch_max_wait_ms,
         precision=settings.precision,
         on_batch=metrics.observe_batch,
+        graphs=settings.cuda_graphs,
     )
     store = GalleryStore(
         settings.gallery,
@@ -99,6 +101,7 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
         read_only=settings.gallery_read_only,
         save_every=settings.gallery_save_every,
         save_interval=settings.gallery_save_interval_s,
+        follow_interval=settings.gallery_follow_interval_s,
     )
 
     def on_change(gallery: Gallery) -> None:
@@ -124,9 +127,13 @@ def _load(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, leader: Path | None = None) -> FastAPI:
     """Build the service; raises :class:`~app.service.inference.StartupError` when the
-    checkpoint or gallery is missing, unreadable or made by a different model."""
+    checkpoint or gallery is missing, unreadable or made by a different model.
+
+    ``leader``: this is a follower process (:mod:`app.service.processes`); gallery writes are
+    forwarded to the leader's Unix socket at that path.
+    """
     configure_logging()
     configure_pillow(settings.max_pixels)
     # Process-wide, and before the model's warm-up compiles anything.
@@ -181,6 +188,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
+    if leader is not None:  # inside the admission limits: a forwarded write holds a slot
+        app.add_middleware(ForwardWrites, leader=leader, after_write=state.store.refresh)
     app.add_middleware(
         Admission,
         limit=settings.max_in_flight,

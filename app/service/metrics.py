@@ -1,6 +1,16 @@
-"""Prometheus metrics of one application instance (its own registry, so apps never collide)."""
+"""Prometheus metrics of one application instance (its own registry, so apps never collide).
+
+Under ``gsp serve --processes N`` the server sets ``PROMETHEUS_MULTIPROC_DIR`` before starting
+its processes: prometheus-client then keeps every value in files there, and ``/metrics`` from
+any process reports the sums over all of them (gauges: requests in flight, their limits and
+bodies being read summed over live processes, saturation if any process is saturated, the
+gallery size as last set). Info metrics cannot be shared that way; each process
+reports its own, which are the same model and gallery in every process.
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -10,6 +20,7 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
+    multiprocess,
 )
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
@@ -58,27 +69,35 @@ class ServiceMetrics:
             "gsp_http_requests_in_flight",
             "Requests in progress (probes and metrics not counted)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.in_flight_limit = Gauge(
             "gsp_http_requests_in_flight_limit",
             "The in-flight limit (GSP_MAX_IN_FLIGHT)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.saturated = Gauge(
             "gsp_http_saturated",
             "1 while every in-flight slot is taken (new requests get 503); /readyz stays ready",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.reading_bodies = Gauge(
             "gsp_http_requests_reading_body",
             "Requests whose bodies are still arriving (they hold no in-flight slot)",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.gallery_items = Gauge(
-            "gsp_gallery_items", "Items in the served gallery", registry=self.registry
+            "gsp_gallery_items",
+            "Items in the served gallery",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
-        self.model_info = Info("gsp_model", "The served model", registry=self.registry)
-        self.gallery_info = Info("gsp_gallery", "The served gallery", registry=self.registry)
+        self._own = CollectorRegistry()  # what only this process can report
+        self.model_info = Info("gsp_model", "The served model", registry=self._own)
+        self.gallery_info = Info("gsp_gallery", "The served gallery", registry=self._own)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method, route, str(status))
@@ -90,4 +109,9 @@ class ServiceMetrics:
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry) + generate_latest(self._own)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process, path=shared)
+        return generate_latest(every_process) + generate_latest(self._own)

@@ -10,11 +10,14 @@ Bodies are bounded per request by :class:`app.service.middleware.Admission`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["guarded_protocol"]
+if TYPE_CHECKING:
+    from app.service.settings import Settings
+
+__all__ = ["guarded_protocol", "server_options"]
 
 
 class _GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -106,3 +109,14 @@ def guarded_protocol(header_limit: int, header_timeout: float) -> type[asyncio.P
         (_GuardedHttpToolsProtocol,),
         {"header_limit": header_limit, "header_timeout": header_timeout},
     )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options every server process takes from the settings (``gsp serve``, each of
+    ``--processes N``): the guarded protocol, and X-Forwarded-For / -Proto believed from the
+    trusted proxies only (none by default)."""
+    return {
+        "http": guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        "proxy_headers": True,
+        "forwarded_allow_ips": [str(network) for network in settings.trusted_proxies],
+    }

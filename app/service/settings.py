@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.graphs import GraphMode
 from model.hardware import DEVICE_NAMES, Precision, check_device_name, usable_cpus
 from model.runtime import Kernel, RuntimeOptions
 
@@ -39,7 +40,8 @@ class Settings(BaseSettings):
     gallery_read_only: bool = Field(
         default=False,
         description="open the gallery read-only: no API writes, and an indexer may update the "
-        "same directory in place (then SIGHUP or reload-gallery to pick it up)",
+        "same directory in place or publish new versions into it (`gsp index publish`), which "
+        "the service follows (gallery_follow_interval_s; SIGHUP or reload-gallery at once)",
     )
     device: str = Field(default="auto", description=f"where the network runs: {DEVICE_NAMES}")
     precision: Precision = Field(
@@ -128,6 +130,27 @@ class Settings(BaseSettings):
         gt=0.0,
         description="seconds after the first unsnapshotted write that a snapshot is written "
         "anyway (writes are durable in the database before the API answers)",
+    )
+
+    cuda_graphs: GraphMode = Field(
+        default="off",
+        description="on CUDA: replay the embedding forward as CUDA graphs per bucketed batch "
+        "size ('graphs': captured, 'reduce-overhead': torch.compile's), see model/graphs.py",
+    )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="server processes on the one port: the first writes the gallery, the others "
+        "open it read-only, follow its writes and forward theirs to it (docs/architecture.md)",
+    )
+    gallery_follow_interval_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=60.0,
+        description="how often a read-only gallery (every process but the first, or "
+        "gallery_read_only) looks for writes made by another process or a new publication; "
+        "0: only on reload",
     )
 
     @field_validator(

@@ -13,6 +13,12 @@ a large gallery; instead a ``save()`` from request code only marks the gallery d
 store writes the snapshot after ``save_every`` such writes, ``save_interval`` seconds after the
 first unsaved one, before a reload and on shutdown. An unsaved tail only lengthens the next
 open's re-sync.
+
+A read-only store may follow a writer in another process (``follow_interval``): a thread looks
+that often at the gallery, has the gallery thread take in newly committed items
+(:meth:`~index.gallery.Gallery.refresh`), and when the files were replaced (a new snapshot, a
+rebuild, a new publication of :mod:`index.publish`) opens the gallery again off the gallery
+thread and swaps it in there, as a reload does.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class GalleryStore:
         read_only: bool = False,
         save_every: int = SAVE_EVERY,
         save_interval: float = SAVE_INTERVAL_S,
+        follow_interval: float = 0.0,
     ) -> None:
         if save_every < 1 or save_interval <= 0:
             raise ValueError(
@@ -96,8 +103,16 @@ class GalleryStore:
         self._preprocessing = preprocessing
         self._image_roots = list(image_roots)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsp-gallery")
+        self._opened_state: object = None
         self._gallery: Gallery = self._executor.submit(self._open).result()
         self.on_change: Callable[[Gallery], None] | None = None
+        self._stopped = threading.Event()
+        self._follower: threading.Thread | None = None
+        if read_only and follow_interval > 0:
+            self._follower = threading.Thread(
+                target=self._follow, args=(follow_interval,), name="gsp-follow", daemon=True
+            )
+            self._follower.start()
 
     def _open(self) -> Gallery:
         from index.errors import GalleryError
@@ -112,16 +127,23 @@ class GalleryStore:
         return gallery
 
     def _open_raw(self) -> Gallery:
-        from index.gallery import Gallery
+        from index.gallery import Gallery, disk_state
+        from index.publish import published_gallery
 
         if not self.directory.is_dir():
             raise StartupError(f"gallery directory not found: {self.directory}")
-        return Gallery.open(
-            self.directory,
+        published = published_gallery(self.directory) if self.read_only else None
+        directory = published or self.directory
+        state = disk_state(directory)  # before opening: a change meanwhile is seen next time
+        gallery = Gallery.open(
+            directory,
             expected_fingerprint=self._fingerprint,
             expected_preprocessing=self._preprocessing,
             read_only=self.read_only,
+            immutable=published is not None,
         )
+        self._opened_state = state
+        return gallery
 
     def _probe_read_only(self) -> None:
         from index.errors import GalleryError
@@ -188,6 +210,47 @@ class GalleryStore:
         )
         self.unsaved_writes = 0
 
+    def _follow(self, interval: float) -> None:
+        """The follower thread: :meth:`_follow_once` every ``interval`` seconds until closed."""
+        last_error = ""
+        while not self._stopped.wait(interval):
+            try:
+                self._follow_once()
+            except Exception as error:  # keep serving what is open; say why once
+                if str(error) != last_error:
+                    _log.warning("following gallery %s: %s", self.directory, error)
+                last_error = str(error)
+            else:
+                last_error = ""
+
+    def _follow_once(self) -> None:
+        from index.gallery import disk_state
+        from index.publish import published_gallery
+
+        directory = published_gallery(self.directory) or self.directory
+        if disk_state(directory) == self._opened_state:
+            self._executor.submit(self._refresh).result()
+            return
+        fresh = self._open()  # on this thread: searches go on meanwhile
+
+        def swap() -> None:
+            old, self._gallery = self._gallery, fresh
+            old.close()
+            if self.on_change is not None:
+                self.on_change(fresh)
+
+        self._executor.submit(swap).result()
+
+    def _refresh(self) -> None:
+        """On the gallery thread: take in other processes' committed writes."""
+        if self._gallery.refresh() and self.on_change is not None:
+            self.on_change(self._gallery)
+
+    async def refresh(self) -> None:
+        """Take in other processes' committed writes now (a follower's read-your-writes)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._refresh)
+
     def flush(self) -> None:
         """Write a snapshot now if any write is not in one yet."""
         self._executor.submit(self._flush).result()
@@ -224,6 +287,10 @@ class GalleryStore:
 
     def close(self) -> None:
         """Snapshot pending writes, then release the gallery and its thread."""
+
+        self._stopped.set()
+        if self._follower is not None:
+            self._follower.join(timeout=30)
 
         def finish() -> None:
             self._flush()
@@ -270,16 +337,17 @@ class GalleryStore:
         Relative sources are relative to the gallery directory. Symlinks are followed before
         the check, so a link pointing out of the roots is refused.
         """
+        served = self._gallery.directory  # a publication's current version, else directory
         path = Path(source)
         if not path.is_absolute():
-            path = self.directory / path
+            path = served / path
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError):
             return None
         if not real.is_file():
             return None
-        for root in (self.directory, *self._image_roots):
+        for root in (served, *self._image_roots):
             try:
                 real.relative_to(root.resolve())
             except (OSError, ValueError):
