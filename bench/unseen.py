@@ -95,6 +95,12 @@ def measures(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 # -- heads -----------------------------------------------------------------------------------
+#
+# Both heads start from the whitened PCA of the training collages' average-pooled backbone
+# features (the "head start": at step 0 the GAP head is a whitened untrained backbone).  The GAP
+# head then trains its projection; since a 1x1 projection commutes with the mean, it trains on the
+# pre-pooled features, the same maths 36x cheaper.  The GSP head keeps that projection frozen and
+# trains its prototypes, i.e. where to pool: on frozen projected maps, computed once.
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,6 @@ class Recipe:
     loss: str
     distill: float
     metric_weight: float
-    head_start: bool
-    train_projection: bool
     prototypes: int
     mu: float
     entropy_weight: float
@@ -125,40 +129,30 @@ def whitened_pca(pooled: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return weight.float(), (-weight @ mean).float()
 
 
-def build_head(kind: str, recipe: Recipe, train_maps: Tensor, seed: int) -> nn.Module:
-    """A GAP or GSP head on 1280-channel maps; ``head_start`` sets its projection to the
-    whitened PCA of the training maps' average-pooled features (so it starts as a whitened
-    version of the untrained backbone), otherwise PyTorch's default initialisation."""
-    torch.manual_seed(seed)
-    channels = train_maps.shape[1]
-    head: nn.Module
-    if kind == "GAP":
-        head = GlobalAveragePooling(channels, P.EMBEDDING_DIM)
-    else:
-        head = GeneralizedSumPooling(
-            channels,
-            P.EMBEDDING_DIM,
-            num_prototypes=recipe.prototypes,
-            transport_ratio=recipe.mu,
-            entropy_weight=recipe.entropy_weight,
-        )
-    if recipe.head_start:
-        weight, bias = whitened_pca(train_maps.float().mean(dim=(2, 3)), P.EMBEDDING_DIM)
-        with torch.no_grad():
-            head.projection.weight.copy_(weight[:, :, None, None])
-            head.projection.bias.copy_(bias)
-    if isinstance(head, GeneralizedSumPooling):
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            sample = train_maps[torch.randperm(train_maps.shape[0], generator=generator)[:256]]
-            projected = head.projection(sample.float()).flatten(2).transpose(1, 2)
-            head.init_prototypes(projected.reshape(-1, P.EMBEDDING_DIM), generator)
-    return head
+@dataclass
+class Inputs:
+    """The training side of a run: labels, the teacher, and the maps in both heads' forms."""
+
+    labels: Tensor
+    teacher: Tensor  # (N, C) the clean object, average-pooled by the backbone
+    pooled: Tensor  # (N, C, 1, 1) average-pooled maps: the GAP head's input
+    projected: Tensor  # (N, d, h, w) maps through the frozen head start: the GSP head's input
+
+
+def project(maps: Tensor, weight: Tensor, bias: Tensor, chunk: int = 200) -> Tensor:
+    """``W x + b`` at every location of ``(N, C, h, w)`` maps, float32."""
+    return torch.cat(
+        [
+            torch.einsum("dc,nchw->ndhw", weight, maps[i : i + chunk].float())
+            + bias[None, :, None, None]
+            for i in range(0, maps.shape[0], chunk)
+        ]
+    )
 
 
 def batches(labels: Tensor, per_batch: int, generator: torch.Generator) -> list[Tensor]:
-    """One epoch of batches, each ``per_batch`` labels with all their items (instances: 4
-    copies; classes: an equal random share of each class, labels interleaved)."""
+    """One epoch of batches: ``per_batch`` whole instances (4 copies each), or for class labels
+    an equal random share of each class."""
     groups = [torch.nonzero(labels == value).flatten() for value in labels.unique()]
     if len(groups) >= per_batch:  # instances: whole groups
         order = torch.randperm(len(groups), generator=generator)
@@ -167,49 +161,82 @@ def batches(labels: Tensor, per_batch: int, generator: torch.Generator) -> list[
             for start in range(0, len(order) - per_batch + 1, per_batch)
         ]
     shuffled = [g[torch.randperm(len(g), generator=generator)] for g in groups]  # classes
-    take = 96 // len(groups)
+    take = 4 * per_batch // len(groups)
     steps = min(len(g) for g in shuffled) // take
     return [torch.cat([g[s * take : (s + 1) * take] for g in shuffled]) for s in range(steps)]
 
 
 def train_head(
-    kind: str,
-    recipe: Recipe,
-    maps: Tensor,
-    labels: Tensor,
-    teacher: Tensor,
-    seed: int,
+    kind: str, recipe: Recipe, inputs: Inputs, start: tuple[Tensor, Tensor], seed: int
 ) -> nn.Module:
-    """Train a head on training maps ``(N, C, h, w)`` with ``labels``; ``teacher`` ``(N, C)`` is
-    each collage's clean object, average-pooled by the backbone (the label-free target)."""
-    head = build_head(kind, recipe, maps, seed)
-    metric = build_loss(recipe.loss, int(labels.max()) + 1, P.EMBEDDING_DIM)
-    groups = [
-        {"params": [head.projection.weight, head.projection.bias], "lr": recipe.lr},
-        {"params": list(metric.parameters()), "lr": recipe.lr},
-    ]
-    if not recipe.train_projection:
+    """A GAP or GSP head trained from the head start ``(W, b)``: metric loss on ``labels`` plus
+    ``distill`` x (1 - cosine to the head's own embedding of the clean object)."""
+    torch.manual_seed(seed)
+    weight, bias = start
+    dim = weight.shape[0]
+    head: nn.Module
+    if kind == "GAP":
+        head = GlobalAveragePooling(weight.shape[1], dim)
+        with torch.no_grad():
+            head.projection.weight.copy_(weight[:, :, None, None])
+            head.projection.bias.copy_(bias)
+        maps = inputs.pooled
+        trained = list(head.parameters())
+    else:
+        head = GeneralizedSumPooling(dim, dim, recipe.prototypes, recipe.mu, recipe.entropy_weight)
+        with torch.no_grad():
+            head.projection.weight.copy_(torch.eye(dim)[:, :, None, None])
+            head.projection.bias.zero_()
+            generator = torch.Generator().manual_seed(seed)
+            sample = inputs.projected[torch.randperm(len(inputs.labels), generator=generator)[:256]]
+            head.init_prototypes(sample.flatten(2).transpose(1, 2).reshape(-1, dim), generator)
         head.projection.requires_grad_(False)
-        groups = groups[1:]
-    if isinstance(head, GeneralizedSumPooling):
-        groups.append({"params": [head.prototypes], "lr": recipe.lr_prototypes})
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+        maps = inputs.projected
+        trained = [head.prototypes]
+    metric = build_loss(recipe.loss, int(inputs.labels.max()) + 1, dim)
+    lr = recipe.lr if kind == "GAP" else recipe.lr_prototypes
+    optimizer = torch.optim.Adam([*trained, *metric.parameters()], lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    fixed_targets = F.normalize(F.linear(inputs.teacher, weight, bias), dim=1)
     head.train()
     for _ in range(recipe.epochs):
-        for index in batches(labels, recipe.batch_instances, generator):
-            result = head(maps[index].float())
-            embedding = F.normalize(result.embedding, dim=1)
-            loss = recipe.metric_weight * metric(embedding, labels[index])
+        for index in batches(inputs.labels, recipe.batch_instances, generator):
+            embedding = F.normalize(head(maps[index]).embedding, dim=1)
+            loss = recipe.metric_weight * metric(embedding, inputs.labels[index])
             if recipe.distill:
-                projection = head.projection
-                target = F.linear(teacher[index], projection.weight.flatten(1), projection.bias)
-                cos = (embedding * F.normalize(target.detach(), dim=1)).sum(dim=1)
-                loss = loss + recipe.distill * (1 - cos).mean()
+                if kind == "GAP":
+                    projection = head.projection
+                    target = F.linear(
+                        inputs.teacher[index], projection.weight.flatten(1), projection.bias
+                    )
+                    target = F.normalize(target.detach(), dim=1)
+                else:
+                    target = fixed_targets[index]
+                loss = loss + recipe.distill * (1 - (embedding * target).sum(dim=1)).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     return head.eval()
+
+
+def full_head(head: nn.Module, start: tuple[Tensor, Tensor]) -> nn.Module:
+    """The trained head on raw backbone maps: a GSP head's frozen identity projection composed
+    with the head start (the same function, one 1x1 convolution); a GAP head as it is."""
+    if not isinstance(head, GeneralizedSumPooling):
+        return head
+    weight, bias = start
+    full = GeneralizedSumPooling(
+        weight.shape[1],
+        weight.shape[0],
+        head.num_prototypes,
+        head.transport_ratio,
+        head.entropy_weight,
+    )
+    with torch.no_grad():
+        full.projection.weight.copy_(weight[:, :, None, None])
+        full.projection.bias.copy_(bias)
+        full.prototypes.copy_(head.prototypes)
+    return full.eval()
 
 
 def pool(head: nn.Module, maps: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
@@ -248,11 +275,65 @@ def untrained(name: str, maps: Tensor, positions: Tensor, seed: int) -> tuple[Te
     return (maps.float() * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)), 1.0
 
 
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    return Recipe(**{field: getattr(args, field) for field in Recipe.__dataclass_fields__})
+
+
+def save_head(args: argparse.Namespace) -> None:
+    """Train the recipe's GSP head on the training instances (first seed) and write its tensors
+    with the pooling options and the command as safetensors metadata: the demo's shipped head."""
+    from safetensors.torch import save_file
+
+    recipe = recipe_of(args)
+    data = unseen_data.load()
+    start = head_start(data)
+    inputs = training_inputs(data, start, "instance")
+    head = full_head(train_head("GSP", recipe, inputs, start, args.seeds[0]), start)
+    assert isinstance(head, GeneralizedSumPooling)
+    metadata = {
+        "embedding_dim": str(P.EMBEDDING_DIM),
+        "num_prototypes": str(head.num_prototypes),
+        "transport_ratio": str(head.transport_ratio),
+        "entropy_weight": str(head.entropy_weight),
+        "backbone": P.BACKBONE,
+        "protocol": P.protocol_digest(),
+        "command": "python bench/unseen.py " + " ".join(sys.argv[1:]),
+    }
+    tensors = {name: value.detach().contiguous() for name, value in head.state_dict().items()}
+    args.save_head.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(args.save_head), metadata=metadata)
+    print(f"GSP head written to {args.save_head} ({args.save_head.stat().st_size} bytes)")
+
+
+def head_start(data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Whitened PCA of the training collages' average-pooled backbone features."""
+    return whitened_pca(data["train_maps"].float().mean(dim=(2, 3)), P.EMBEDDING_DIM)
+
+
+def training_inputs(data: dict[str, Tensor], start: tuple[Tensor, Tensor], labels: str) -> Inputs:
+    """``labels``: "instance" (instance protocol) or "label" (class protocol)."""
+    maps = data["train_maps"]
+    return Inputs(
+        labels=data[f"train_{labels}"],
+        teacher=data["train_clean"][data["train_instance"]],
+        pooled=maps.float().mean(dim=(2, 3), keepdim=True),
+        projected=project(maps, *start),
+    )
+
+
+def head_inputs(maps: Tensor, start: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """Evaluation maps in each trained head's input form (see :class:`Inputs`)."""
+    return {"GAP": maps.float().mean(dim=(2, 3), keepdim=True), "GSP": project(maps, *start)}
+
+
 def run(args: argparse.Namespace) -> None:
-    recipe = Recipe(**{field: getattr(args, field) for field in Recipe.__dataclass_fields__})
+    recipe = recipe_of(args)
     data = unseen_data.load()
     split = args.split
-    teacher = data["train_clean"][data["train_instance"]]
+    start = head_start(data)
+    train_sets = {name: training_inputs(data, start, name) for name in ("instance", "label")}
+    evaluated = head_inputs(data[f"{split}_maps"], start)
+    real_inputs = head_inputs(data["real_maps"], start) if split == "test" else {}
     eval_maps, positions = data[f"{split}_maps"], data[f"{split}_position"]
     firsts = first_copies(data[f"{split}_instance"])
     protocols: dict[str, Callable[[Tensor], dict[str, float]]] = {
@@ -277,21 +358,19 @@ def run(args: argparse.Namespace) -> None:
                     add(name, f"real {key}", value)
         for kind in ("GAP", "GSP"):
             started = time.perf_counter()
-            instance_head = train_head(
-                kind, recipe, data["train_maps"], data["train_instance"], teacher, seed
-            )
-            embeddings, weights = pool(instance_head, eval_maps)
+            instance_head = train_head(kind, recipe, train_sets["instance"], start, seed)
+            embeddings, weights = pool(instance_head, evaluated[kind])
             for key, value in protocols["instance"](embeddings).items():
                 add(f"trained {kind}", f"instance {key}", value)
-            add(f"trained {kind}", "share", object_share(weights, positions))
+            # GAP weighs every location 1 (its input here is pre-pooled): the uniform share
+            share = object_share(weights, positions) if kind == "GSP" else UNIFORM_SHARE
+            add(f"trained {kind}", "share", share)
             if split == "test":
-                real = pool(instance_head, data["real_maps"])[0]
+                real = pool(instance_head, real_inputs[kind])[0]
                 for key, value in measures(real, data["real_label"]).items():
                     add(f"trained {kind}", f"real {key}", value)
-            class_head = train_head(
-                kind, recipe, data["train_maps"], data["train_label"], teacher, seed
-            )
-            for key, value in protocols["collage"](pool(class_head, eval_maps)[0]).items():
+            class_head = train_head(kind, recipe, train_sets["label"], start, seed)
+            for key, value in protocols["collage"](pool(class_head, evaluated[kind])[0]).items():
                 add(f"trained {kind}", f"collage {key}", value)
             add(f"trained {kind}", "seconds", time.perf_counter() - started)
             summary = rows[f"trained {kind}"]
@@ -366,12 +445,16 @@ def parse() -> argparse.Namespace:
         "--distill", type=float, default=1.0, help="weight of the clean-object teacher"
     )
     parser.add_argument("--metric-weight", type=float, default=1.0)
-    parser.add_argument("--head-start", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--train-projection", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--prototypes", type=int, default=16)
     parser.add_argument("--mu", type=float, default=0.3)
     parser.add_argument("--entropy-weight", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--save-head",
+        type=Path,
+        metavar="FILE",
+        help="instead of the comparison, train the GSP head (first seed) and save it to FILE",
+    )
     args = parser.parse_args()
     return args
 
@@ -379,4 +462,7 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     torch.set_num_threads(arguments.threads)
-    run(arguments)
+    if arguments.save_head is not None:
+        save_head(arguments)
+    else:
+        run(arguments)
