@@ -436,7 +436,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(P.SEEDS))
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4, help="projection (and proxies)")
     parser.add_argument("--lr-prototypes", type=float, default=1e-2)
     parser.add_argument("--batch-instances", type=int, default=32, help="instances per batch")
@@ -446,8 +446,8 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument("--metric-weight", type=float, default=1.0)
     parser.add_argument("--prototypes", type=int, default=16)
-    parser.add_argument("--mu", type=float, default=0.3)
-    parser.add_argument("--entropy-weight", type=float, default=5.0)
+    parser.add_argument("--mu", type=float, default=0.1)
+    parser.add_argument("--entropy-weight", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--save-head",
