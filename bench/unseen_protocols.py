@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from model.data.cifar import CIFAR10_CLASSES
+
 SPLIT_CLASSES: dict[str, tuple[str, ...]] = {
     "train": ("airplane", "automobile", "bird"),
     "val": ("cat", "deer"),
@@ -41,20 +43,7 @@ SEEDS: tuple[int, ...] = (0, 1, 2)  # head initialisation and batch order
 EMBEDDING_DIM = 128
 BACKBONE = "efficientnet_lite0"  # ImageNet weights, frozen
 REAL_PHOTO_CLASSES: tuple[str, ...] = tuple(
-    name
-    for name in (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    )
-    if name not in SPLIT_CLASSES["train"]
+    name for name in CIFAR10_CLASSES if name not in SPLIT_CLASSES["train"]
 )
 REAL_PHOTOS_PER_CLASS = 100  # CIFAR-10 test photos, at the demo's 224 px input, no crop
 REAL_PHOTO_INPUT_SIZE = 224
