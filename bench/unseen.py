@@ -23,6 +23,8 @@ recipe.  The recipe's knobs are the flags below; their defaults are the recipe c
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -380,7 +382,23 @@ def run(args: argparse.Namespace) -> None:
                 f"({summary['seconds'][-1]:.0f} s)",
                 flush=True,
             )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "rows": rows}))
     report(args, recipe, rows)
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One report from the ``--json`` files of runs of the same recipe (e.g. one seed each, run
+    side by side): their per-seed values are pooled."""
+    runs = [json.loads(path.read_text()) for path in args.merge]
+    if any(run["recipe"] != runs[0]["recipe"] for run in runs):
+        raise SystemExit("--merge needs runs of one recipe")
+    rows: dict[str, dict[str, list[float]]] = {}
+    for run_record in runs:
+        for row, values in run_record["rows"].items():
+            for key, series in values.items():
+                rows.setdefault(row, {}).setdefault(key, []).extend(series)
+    report(args, Recipe(**runs[0]["recipe"]), rows)
 
 
 def _cell(values: list[float] | None, digits: int) -> str:
@@ -449,6 +467,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--mu", type=float, default=0.1)
     parser.add_argument("--entropy-weight", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the per-seed values to this file")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON", help="report the pooled --json files"
+    )
     parser.add_argument(
         "--save-head",
         type=Path,
@@ -462,7 +484,9 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     torch.set_num_threads(arguments.threads)
-    if arguments.save_head is not None:
+    if arguments.merge:
+        merge(arguments)
+    elif arguments.save_head is not None:
         save_head(arguments)
     else:
         run(arguments)
