@@ -295,7 +295,8 @@ def save_head(args: argparse.Namespace) -> None:
     metadata = {
         "embedding_dim": str(P.EMBEDDING_DIM),
         "num_prototypes": str(head.num_prototypes),
-        "transport_ratio": str(head.transport_ratio),
+        "transport_ratio": str(args.ship_mu if args.ship_mu is not None else head.transport_ratio),
+        "trained_transport_ratio": str(head.transport_ratio),
         "entropy_weight": str(head.entropy_weight),
         "backbone": P.BACKBONE,
         "protocol": P.protocol_digest(),
@@ -450,7 +451,12 @@ def report(
         print()
 
 
-def parse() -> argparse.Namespace:
+def parse_defaults() -> argparse.Namespace:
+    """The flags' defaults: the recipe chosen on validation."""
+    return build_parser().parse_args([])
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(P.SEEDS))
@@ -467,6 +473,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--mu", type=float, default=0.1)
     parser.add_argument("--entropy-weight", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ship-mu",
+        type=float,
+        help="with --save-head: the mu the saved head pools with (default: the trained one)",
+    )
     parser.add_argument("--json", type=Path, help="also write the per-seed values to this file")
     parser.add_argument(
         "--merge", type=Path, nargs="+", metavar="JSON", help="report the pooled --json files"
@@ -477,8 +488,11 @@ def parse() -> argparse.Namespace:
         metavar="FILE",
         help="instead of the comparison, train the GSP head (first seed) and save it to FILE",
     )
-    args = parser.parse_args()
-    return args
+    return parser
+
+
+def parse() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 if __name__ == "__main__":
