@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from app.cli import build_parser
 from app.demo.prepare import DemoSpec, box_weight_share, prepare_demo, prepare_user_gallery
@@ -105,6 +106,7 @@ def _tiny_spec(**changes) -> DemoSpec:
         epochs=1,
         batch_size=16,
         m_per_class=2,
+        head="scenes",
     )
     values.update(changes)
     return DemoSpec(**values)
@@ -142,6 +144,30 @@ def test_prepare_demo_caches_and_rebuilds_on_changed_inputs(tmp_path: Path) -> N
 
     other_model = prepare_demo(_tiny_spec(train_seed=5), cache_dir=tmp_path)
     assert other_model.checkpoint != built.checkpoint and not other_model.reused
+
+
+def test_the_default_demo_model_is_the_shipped_head(tmp_path: Path) -> None:
+    """The default spec writes the backbone plus the head in model/weights/ as its checkpoint:
+    its pooling tensors are the file's, its options the file's metadata; no training runs."""
+    from safetensors.torch import load_file
+
+    from app.demo.prepare import SHIPPED_HEAD, prepare_model, shipped_head_options
+    from model.checkpoint import load_checkpoint
+
+    assert SHIPPED_HEAD.stat().st_size < 2 * 1024 * 1024
+    spec = DemoSpec()
+    checkpoint = prepare_model(spec, cache_dir=tmp_path)
+    loaded = load_checkpoint(checkpoint)
+    shipped = load_file(str(SHIPPED_HEAD))
+    pooling = loaded.net.pooling.state_dict()
+    assert set(pooling) == set(shipped)
+    for name, tensor in shipped.items():
+        assert torch.equal(pooling[name], tensor), name
+    dim, options = shipped_head_options()
+    assert loaded.config.embedding_dim == dim and loaded.config.pooling_options == options
+    assert spec.model_key() != DemoSpec(head="scenes").model_key()
+    with pytest.raises(ValueError, match="head must be"):
+        DemoSpec(head="other")
 
 
 def test_prepare_demo_restarts_an_interrupted_build(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="prepare and serve the built-in demo (generated scenes, EfficientNet-Lite0 + GSP)",
-        description="The demo needs nothing but this package: it draws its own scenes, trains a "
-        "GSP head on the frozen EfficientNet-Lite0 (ImageNet weights shipped as a package), "
-        "indexes a gallery and caches everything under --cache-dir.",
+        description="The demo needs nothing but this package: it puts the GSP head shipped in "
+        "model/weights/ on the frozen EfficientNet-Lite0 (ImageNet weights shipped as a "
+        "package), draws its own scenes, indexes a gallery and caches everything under "
+        "--cache-dir.",
     )
     actions = parser.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
     prepare = actions.add_parser("prepare", help="build (or reuse) the demo model and gallery")

@@ -1,8 +1,10 @@
 """Demo preparation: the built-in model and gallery, made offline and cached under .cache/demo.
 
-The demo model is EfficientNet-Lite0 with its shipped ImageNet weights, frozen, and a GSP head
-trained by :func:`model.training.train` (frozen-backbone mode) on generated training scenes.  The
-demo gallery is a second, separately seeded set of scenes indexed with that model.  Each stage
+The demo model is EfficientNet-Lite0 with its shipped ImageNet weights, frozen, and a GSP head:
+by default the head shipped in ``model/weights/`` (trained on CIFAR-10 collages by
+``bench/unseen.py --save-head``, see docs/benchmarks.md), or with ``head="scenes"`` one trained by
+:func:`model.training.train` (frozen-backbone mode) on generated training scenes.  The demo gallery
+is a second, separately seeded set of scenes indexed with that model.  Each stage
 lives in a directory named by a hash of everything that determines it (scene parameters, seeds,
 sizes, model and training settings, code version), and is marked complete by a ``ready.json``
 written last: a later run with the same inputs reuses it, changed inputs build a new one, and
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+import model
 from app.demo.scenes import CLASSES, Scene, SceneConfig, generate_scenes
 from model.config import ModelConfig
 from model.version import package_version
@@ -41,6 +44,8 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_DIR = Path(".cache/demo")
+# package data of the model package (pyproject.toml), so installs and images carry it
+SHIPPED_HEAD = Path(model.__file__).resolve().parent / "weights" / "demo_gsp_head.safetensors"
 READY_FILE = "ready.json"
 SCENES_FILE = "scenes.json"
 _BACKBONE = "efficientnet_lite0"
@@ -65,9 +70,15 @@ class DemoSpec:
     batch_size: int = 64
     m_per_class: int = 8
     learning_rate: float = 1e-3
+    head: str = "shipped"  # "shipped": SHIPPED_HEAD; "scenes": trained on generated scenes
+
+    def __post_init__(self) -> None:
+        if self.head not in ("shipped", "scenes"):
+            raise ValueError(f"head must be 'shipped' or 'scenes', got {self.head!r}")
 
     def model_config(self) -> ModelConfig:
-        """EfficientNet-Lite0 + GSP; the whole scene is the input (resize, no crop)."""
+        """EfficientNet-Lite0 + GSP; the whole scene is the input (resize, no crop).  With the
+        shipped head, its embedding size and pooling options come from the head's file."""
         from model.backbones import default_preprocessing
 
         preprocessing = dataclasses.replace(
@@ -75,16 +86,22 @@ class DemoSpec:
             image_size=self.input_size,
             resize_size=self.input_size,
         )
-        return ModelConfig(
-            backbone=_BACKBONE,
-            pretrained=self.pretrained,
-            pooling="gsp",
-            embedding_dim=self.embedding_dim,
-            pooling_options={
+        embedding_dim, options = (
+            self.embedding_dim,
+            {
                 "num_prototypes": self.num_prototypes,
                 "transport_ratio": self.transport_ratio,
                 "entropy_weight": self.entropy_weight,
             },
+        )
+        if self.head == "shipped":
+            embedding_dim, options = shipped_head_options()
+        return ModelConfig(
+            backbone=_BACKBONE,
+            pretrained=self.pretrained,
+            pooling="gsp",
+            embedding_dim=embedding_dim,
+            pooling_options=options,
             preprocessing=preprocessing,
         )
 
@@ -97,6 +114,7 @@ class DemoSpec:
                 "train_per_class": self.train_per_class,
                 "model": self.model_config().to_dict(),
                 "training": [self.epochs, self.batch_size, self.m_per_class, self.learning_rate],
+                "head": _file_digest(SHIPPED_HEAD) if self.head == "shipped" else "scenes",
                 "code": code_version(),
             }
         )
@@ -129,6 +147,23 @@ def code_version() -> str:
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"{package_version()}+{digest.hexdigest()[:12]}"
+
+
+def shipped_head_options() -> tuple[int, dict[str, Any]]:
+    """Embedding size and GSP options of the shipped head, from its safetensors metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(SHIPPED_HEAD), framework="pt") as head:
+        metadata = head.metadata()
+    return int(metadata["embedding_dim"]), {
+        "num_prototypes": int(metadata["num_prototypes"]),
+        "transport_ratio": float(metadata["transport_ratio"]),
+        "entropy_weight": float(metadata["entropy_weight"]),
+    }
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -186,6 +221,10 @@ def prepare_model(spec: DemoSpec, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
 
     work = _fresh(directory)
     started = time.perf_counter()
+    if spec.head == "shipped":
+        _install_shipped_head(spec, checkpoint)
+        _mark_ready(directory, {"built": time.time(), "head": str(SHIPPED_HEAD)})
+        return checkpoint
     scenes_dir = work / "train-scenes"
     total = spec.train_per_class * len(CLASSES)
     print(f"demo: drawing {total} training scenes", flush=True)
@@ -224,6 +263,26 @@ def prepare_model(spec: DemoSpec, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         directory, {"built": time.time(), "seconds": round(time.perf_counter() - started, 1)}
     )
     return checkpoint
+
+
+def _install_shipped_head(spec: DemoSpec, checkpoint: Path) -> None:
+    """The frozen backbone with the shipped GSP head, written as a checkpoint (no training)."""
+    from safetensors.torch import load_file
+
+    from model.checkpoint import save_checkpoint
+    from model.net import build_embedding_net
+
+    config = spec.model_config()
+    net = build_embedding_net(config)
+    net.pooling.load_state_dict(load_file(str(SHIPPED_HEAD)))
+    print(f"demo: EfficientNet-Lite0 with the GSP head shipped in {SHIPPED_HEAD.name}", flush=True)
+    save_checkpoint(
+        checkpoint,
+        net.eval(),
+        config,
+        head=SHIPPED_HEAD.name,
+        training_data="CIFAR-10 collages, bench/unseen.py --save-head (docs/benchmarks.md)",
+    )
 
 
 # -- galleries -------------------------------------------------------------------------------

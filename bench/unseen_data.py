@@ -1,0 +1,172 @@
+"""The images of bench/unseen_protocols.py, and their frozen-backbone features, cached once.
+
+Plans the instance-in-clutter collages (which photo, which clutter, which cell, from
+``DATA_SEED``), paints them, and runs the frozen EfficientNet-Lite0 over them once; also the
+clean training photos alone (the label-free teacher's input) and the real CIFAR-10 test photos of
+the classes no head trains on (the demo check).  The result is stored as float16 safetensors at
+``.cache/unseen/<protocol digest>.safetensors``: a changed protocol gets a new file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import unseen_protocols as P
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = REPO / ".cache" / "unseen"
+SPLITS = ("train", "val", "test")
+
+
+def _photos(root: Path, folder: str, name: str) -> list[Path]:
+    return sorted((root / folder / name).glob("*.jpg"))
+
+
+def _folder(split: str) -> str:
+    """CIFAR-10 folder of a split's photos: validation is carved from the training photos."""
+    return "test" if split == "test" else "train"
+
+
+def plan(root: Path) -> dict[str, dict[str, list]]:
+    """Per split: each collage's ``cells`` (9 paths, row-major), ``instance``, ``label`` and
+    ``position`` (the object's cell); for train also the distinct ``photos`` (teacher input)."""
+    rng = np.random.default_rng(P.DATA_SEED)
+    cells = P.GRID * P.GRID
+    plans: dict[str, dict[str, list]] = {}
+    for split in SPLITS:
+        clutter = [p for name in P.CLUTTER_CLASSES for p in _photos(root, _folder(split), name)]
+        record: dict[str, list] = {"cells": [], "instance": [], "label": [], "position": []}
+        record["photos"] = []
+        for label, name in enumerate(P.SPLIT_CLASSES[split]):
+            photos = _photos(root, _folder(split), name)
+            chosen = rng.choice(len(photos), P.PHOTOS_PER_CLASS[split], replace=False)
+            for index in chosen:
+                instance = len(record["photos"])
+                record["photos"].append(photos[index])
+                for _ in range(P.COPIES):
+                    position = int(rng.integers(cells))
+                    sources = [clutter[i] for i in rng.choice(len(clutter), cells - 1)]
+                    sources.insert(position, photos[index])
+                    record["cells"].append(sources)
+                    record["instance"].append(instance)
+                    record["label"].append(label)
+                    record["position"].append(position)
+        plans[split] = record
+    return plans
+
+
+def real_photos(root: Path) -> tuple[list[Path], list[int]]:
+    """``REAL_PHOTOS_PER_CLASS`` CIFAR-10 test photos of every class no head trains on."""
+    rng = np.random.default_rng([P.DATA_SEED, 1])
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(P.REAL_PHOTO_CLASSES):
+        photos = _photos(root, "test", name)
+        paths += [photos[i] for i in rng.choice(len(photos), P.REAL_PHOTOS_PER_CLASS, False)]
+        labels += [label] * P.REAL_PHOTOS_PER_CLASS
+    return paths, labels
+
+
+def paint(sources: list[Path]) -> Image.Image:
+    """A ``GRID`` x ``GRID`` collage of CIFAR-10 photos, row-major."""
+    canvas = Image.new("RGB", (P.GRID * P.CELL, P.GRID * P.CELL))
+    for position, path in enumerate(sources):
+        row, col = divmod(position, P.GRID)
+        with Image.open(path) as photo:
+            canvas.paste(photo.convert("RGB"), (col * P.CELL, row * P.CELL))
+    return canvas
+
+
+def _extract(
+    images: list[Callable[[], Image.Image]], size: int, desc: str, batch: int = 32
+) -> Tensor:
+    """Frozen backbone feature maps ``(N, C, h, w)`` float16 of lazily drawn images."""
+    from model.backbones import build_backbone, default_preprocessing
+    from model.transforms import Normalise, eval_crop, to_uint8_tensor
+
+    preprocessing = dataclasses.replace(
+        default_preprocessing(P.BACKBONE), image_size=size, resize_size=size
+    )
+    crop, normalise = eval_crop(preprocessing), Normalise(preprocessing)
+    backbone = build_backbone(P.BACKBONE, True).eval()
+    out = []
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pixels = torch.stack(
+                [to_uint8_tensor(crop(draw())) for draw in images[start : start + batch]]
+            )
+            out.append(backbone(normalise(pixels)).half())
+            done = start + pixels.shape[0]
+            rate = done / (time.perf_counter() - began)
+            print(f"\r{desc}: {done}/{len(images)} ({rate:.1f} img/s)", end="", flush=True)
+    print(flush=True)
+    return torch.cat(out)
+
+
+def _photo_loader(path: Path) -> Callable[[], Image.Image]:
+    return lambda: Image.open(path).convert("RGB")
+
+
+def _collage_loader(sources: list[Path]) -> Callable[[], Image.Image]:
+    return lambda: paint(sources)
+
+
+def build() -> dict[str, Tensor]:
+    """Every tensor the benchmark needs (see :func:`load`)."""
+    from model.data.cifar import ensure_cifar10
+
+    root = ensure_cifar10()
+    tensors: dict[str, Tensor] = {}
+    for split, record in plan(root).items():
+        loaders = [_collage_loader(sources) for sources in record["cells"]]
+        tensors[f"{split}_maps"] = _extract(loaders, P.INPUT_SIZE, f"{split} collages")
+        for key in ("instance", "label", "position"):
+            tensors[f"{split}_{key}"] = torch.tensor(record[key])
+        if split == "train":
+            clean = _extract(
+                [_photo_loader(p) for p in record["photos"]], P.INPUT_SIZE, "clean train photos"
+            )
+            tensors["train_clean"] = clean.float().mean(dim=(2, 3))
+    paths, labels = real_photos(root)
+    tensors["real_maps"] = _extract(
+        [_photo_loader(p) for p in paths], P.REAL_PHOTO_INPUT_SIZE, "real test photos"
+    )
+    tensors["real_label"] = torch.tensor(labels)
+    return tensors
+
+
+def load() -> dict[str, Tensor]:
+    """The cached tensors of the current protocol, built first if absent.
+
+    ``<split>_maps`` ``(N, C, 6, 6)`` float16, ``<split>_instance`` / ``_label`` /
+    ``_position`` ``(N,)`` for split in train, val, test; ``train_clean`` ``(photos, C)`` the
+    average-pooled features of each training photo alone; ``real_maps`` / ``real_label``.
+    """
+    path = CACHE_DIR / f"{P.protocol_digest()}.safetensors"
+    if not path.is_file():
+        began = time.perf_counter()
+        tensors = build()
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        partial.rename(path)
+        print(f"features cached at {path} in {(time.perf_counter() - began) / 60:.1f} min")
+    return load_file(str(path))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    for name, tensor in load().items():
+        print(name, tuple(tensor.shape), tensor.dtype)

@@ -1,0 +1,72 @@
+"""bench/unseen.py's measures and its cheap training forms, against direct computations."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import unseen
+import unseen_protocols
+
+from model.gsp import GeneralizedSumPooling, GlobalAveragePooling
+
+
+def test_mean_pairwise_cosine_matches_the_pairs() -> None:
+    points = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    unit = F.normalize(points, dim=1)
+    pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
+    assert abs(unseen.mean_pairwise_cosine(points) - sum(pairs) / len(pairs)) < 1e-12
+
+
+def test_effective_dimension_counts_equal_directions() -> None:
+    generator = torch.Generator().manual_seed(1)
+    flat = torch.zeros(20000, 16, dtype=torch.float64)
+    flat[:, :4] = torch.randn(20000, 4, generator=generator, dtype=torch.float64)
+    assert abs(unseen.effective_dimension(flat) - 4) < 0.1
+    one = torch.randn(500, 1, generator=generator, dtype=torch.float64) * torch.ones(1, 16)
+    assert abs(unseen.effective_dimension(one) - 1) < 1e-6
+
+
+def test_object_masks_tile_the_map() -> None:
+    positions = torch.arange(unseen_protocols.GRID**2)
+    masks = unseen.object_masks(positions, 6)
+    assert torch.equal(masks.sum(dim=0), torch.ones(6, 6, dtype=torch.long))
+    assert bool(masks[4, 2:4, 2:4].all()) and int(masks[4].sum()) == 4
+    uniform = torch.ones(len(positions), 6, 6)
+    assert abs(unseen.object_share(uniform, positions) - 1 / 9) < 1e-12
+
+
+def test_whitened_pca_whitens() -> None:
+    generator = torch.Generator().manual_seed(2)
+    data = torch.randn(4000, 12, generator=generator) @ torch.randn(12, 12, generator=generator)
+    weight, bias = unseen.whitened_pca(data, 5)
+    projected = (data @ weight.T + bias).double()
+    assert projected.mean(dim=0).abs().max() < 1e-4
+    covariance = projected.T @ projected / projected.shape[0]
+    assert torch.allclose(covariance, torch.eye(5, dtype=torch.float64), atol=1e-3)
+
+
+def test_cheap_training_forms_equal_the_heads_on_raw_maps() -> None:
+    """GAP on pre-pooled maps equals GAP on the maps; the GSP head trained on projected maps
+    equals :func:`unseen.full_head` (projection folded in) on the raw maps."""
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.randn(6, 20, 6, 6, generator=generator)
+    start = unseen.whitened_pca(torch.randn(200, 20, generator=generator), 8)
+    gap = GlobalAveragePooling(20, 8)
+    pooled = maps.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(gap(maps).embedding, gap(pooled).embedding, atol=1e-5)
+
+    inner = GeneralizedSumPooling(8, 8, num_prototypes=4, transport_ratio=0.3, entropy_weight=10)
+    with torch.no_grad():
+        inner.projection.weight.copy_(torch.eye(8)[:, :, None, None])
+        inner.projection.bias.zero_()
+    inner.eval()
+    full = unseen.full_head(inner, start)
+    on_projected = inner(unseen.project(maps, *start))
+    on_raw = full(maps)
+    assert torch.allclose(on_projected.embedding, on_raw.embedding, atol=1e-4)
+    assert torch.allclose(on_projected.weights, on_raw.weights, atol=1e-4)
