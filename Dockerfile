@@ -84,7 +84,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     GSP_CHECKPOINT=/models/current \
     GSP_GALLERY=/data/gallery
 RUN useradd --create-home --uid 10001 --user-group gsp \
-    && mkdir -p /models /data/gallery /images \
+    && mkdir -p /models /data/gallery /data/published /images \
     && chown -R gsp:gsp /models /data
 COPY --from=venv /opt/venv /opt/venv
 RUN --mount=type=bind,from=package,source=/wheel,target=/tmp/wheel \

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from index.gallery import Gallery, ItemInput
 from index.images import check_image_header, decode_image, find_images
 from index.layout import CURRENT, FAILURES_FILE
-from model.hardware import DECODERS, resolve_device, resolve_workers
+from model.hardware import DECODERS, GraphMode, resolve_device, resolve_workers
 from model.inference import Embedder, decode_jpegs, is_jpeg, stack_crops
 from model.transforms import eval_crop, to_uint8_tensor
 
@@ -271,6 +271,7 @@ def index_files(
     device: str = "auto",
     precision: str = "auto",
     decode: str = "cpu",
+    graphs: GraphMode = "off",
     failures_path: Path,
     save_every: int = 50,
     progress: bool = True,
@@ -279,8 +280,8 @@ def index_files(
     interruption, so an interrupted run loses nothing already embedded.
 
     ``precision`` (:data:`~model.hardware.PRECISIONS`; ``auto``: fp16 on CUDA, else fp32) and
-    ``decode`` (``cpu``, or ``gpu``: JPEGs decoded in batches by nvJPEG) as in
-    :mod:`model.inference`."""
+    ``decode`` (``cpu``, or ``gpu``: JPEGs decoded in batches by nvJPEG) and ``graphs`` (CUDA
+    graphs per batch size, :mod:`model.graphs`) as in :mod:`model.inference`."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if decode not in DECODERS:
@@ -291,7 +292,7 @@ def index_files(
     target = resolve_device(device)
     if decode == "gpu" and target.type != "cuda":
         raise ValueError("decode 'gpu' needs a CUDA device; use decode 'cpu'")
-    embedder = Embedder(loaded.net, loaded.config.preprocessing, target, precision)
+    embedder = Embedder(loaded.net, loaded.config.preprocessing, target, precision, graphs)
     dataset = _FileDataset(
         files,
         frozenset(gallery.known_sha256()),
@@ -337,6 +338,7 @@ def build_gallery(
     device: str = "auto",
     precision: str = "auto",
     decode: str = "cpu",
+    graphs: GraphMode = "off",
     index_type: str = "auto",
     report_path: str | os.PathLike[str] | None = None,
     labels_from_subfolders: bool = False,
@@ -364,6 +366,7 @@ def build_gallery(
             device=device,
             precision=precision,
             decode=decode,
+            graphs=graphs,
             failures_path=Path(report_path) if report_path else out / FAILURES_FILE,
             save_every=save_every,
             progress=progress,

@@ -33,6 +33,7 @@ from index.build import (
     open_or_create,
 )
 from index.gallery import ItemInput
+from model.hardware import GraphMode
 
 __all__ = ["RAY_INSTALL_HINT", "RayUnavailableError", "build_gallery_on_ray", "ray_session"]
 
@@ -131,7 +132,9 @@ class EmbeddingActor:
     (:class:`model.inference.Embedder`); the other rows pass through with zero vectors, for the
     writer to count and report."""
 
-    def __init__(self, net: Any, preprocessing: Any, device: str, precision: str) -> None:
+    def __init__(
+        self, net: Any, preprocessing: Any, device: str, precision: str, graphs: GraphMode
+    ) -> None:
         import torch
 
         from model.hardware import resolve_device, usable_cpus
@@ -142,7 +145,7 @@ class EmbeddingActor:
             # Ray limits a one-CPU worker to one thread; on CPUs the network computes on every
             # core of its node, sharing them with the decode tasks, as the in-process job does
             torch.set_num_threads(usable_cpus())
-        self.embedder = Embedder(net, preprocessing, target, precision)
+        self.embedder = Embedder(net, preprocessing, target, precision, graphs)
         size = int(preprocessing.image_size)
         self.crop_shape = (size, size, 3)
         probe = self.embedder(torch.zeros((1, *self.crop_shape), dtype=torch.uint8))
@@ -177,6 +180,7 @@ def build_gallery_on_ray(
     batch_size: int = 64,
     device: str = "auto",
     precision: str = "auto",
+    graphs: GraphMode = "off",
     index_type: str = "auto",
     report_path: str | os.PathLike[str] | None = None,
     labels_from_subfolders: bool = False,
@@ -188,8 +192,8 @@ def build_gallery_on_ray(
 
     ``actors``: how many embedding actors (``auto``: one per GPU of the cluster, else one);
     ``device``: ``auto`` embeds on GPUs when the cluster has any, ``cpu`` or ``cuda`` forces;
-    ``precision`` as in :mod:`model.inference` (``auto``: fp16 on GPUs, fp32 on CPUs).
-    The other arguments are :func:`index.build.build_gallery`'s.
+    ``precision`` and ``graphs`` as in :mod:`model.inference` (``auto``: fp16 on GPUs, fp32 on
+    CPUs). The other arguments are :func:`index.build.build_gallery`'s.
     """
     from model.checkpoint import load_checkpoint
 
@@ -220,6 +224,7 @@ def build_gallery_on_ray(
                     actors=count,
                     batch_size=batch_size,
                     precision=precision,
+                    graphs=graphs,
                 )
                 for batch in batches:
                     _write(writer, batch)
@@ -236,6 +241,7 @@ def _embedded_batches(
     actors: int,
     batch_size: int,
     precision: str,
+    graphs: GraphMode,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data pipeline: blocks of files, decoded by CPU tasks, embedded by ``actors``
     actors (holding ``gpus`` GPUs each), streamed back to the driver in batches (in no
@@ -268,6 +274,7 @@ def _embedded_batches(
                 "preprocessing": loaded.config.preprocessing,
                 "device": "cuda" if gpus else "cpu",
                 "precision": precision,
+                "graphs": graphs,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,

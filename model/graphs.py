@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from model.checks import deferred_verification
+from model.hardware import GRAPH_MODES, GraphMode
 
 __all__ = ["BUCKETS", "GRAPH_MODES", "BucketedForward", "GraphMode", "bucket_for", "cut", "padded"]
 
-GraphMode = Literal["off", "graphs", "reduce-overhead"]
-GRAPH_MODES: tuple[GraphMode, ...] = ("off", "graphs", "reduce-overhead")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Eager runs before a capture: cuDNN picks its algorithms and lazy initialisation happens
 # outside the graph.

@@ -19,10 +19,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DECODERS",
     "DEVICE_NAMES",
+    "GRAPH_MODES",
     "MAX_AUTO_WORKERS",
     "PRECISIONS",
     "Decoder",
     "DeviceError",
+    "GraphMode",
     "Precision",
     "check_device_name",
     "resolve_device",
@@ -41,6 +43,10 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Where JPEGs decode: CPU workers (Pillow) or the GPU (nvJPEG, batched).
 Decoder = Literal["cpu", "gpu"]
 DECODERS: tuple[str, ...] = get_args(Decoder)
+# How the embedding forward runs on CUDA (model/graphs.py): as it is, as captured CUDA graphs per
+# bucketed batch size, or through torch.compile's reduce-overhead mode.
+GraphMode = Literal["off", "graphs", "reduce-overhead"]
+GRAPH_MODES: tuple[str, ...] = get_args(GraphMode)
 
 
 class DeviceError(ValueError):

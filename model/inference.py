@@ -19,7 +19,8 @@ from contextlib import AbstractContextManager
 import torch
 
 from model.config import Preprocessing
-from model.hardware import PRECISIONS
+from model.graphs import BucketedForward
+from model.hardware import PRECISIONS, GraphMode
 from model.net import EmbeddingNet, EmbeddingOutput
 from model.transforms import Normalise
 
@@ -58,7 +59,10 @@ def stack_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class Embedder:
     """A network on its device at its precision: uint8 batches in, :class:`EmbeddingOutput` with
-    float32 tensors on the device out. One per process and device; not thread-safe."""
+    float32 tensors on the device out. One per process and device; not thread-safe.
+
+    ``graphs``: on CUDA, the forward after the host-to-device copy replayed as CUDA graphs per
+    bucketed batch size (:mod:`model.graphs`); ``off`` and every CPU run it as it is."""
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class Embedder:
         preprocessing: Preprocessing,
         device: torch.device,
         precision: str = "auto",
+        graphs: GraphMode = "off",
     ) -> None:
         self.device = device
         self.dtype = resolve_precision(precision, device)
@@ -75,6 +80,7 @@ class Embedder:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.preprocessing = preprocessing
         self._normalise = Normalise(preprocessing, device)
+        self._forward = BucketedForward(self._network, device, graphs)
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
         """The normalised ``(B, 3, S, S)`` float32 input on the device from a ``(B, S, S, 3)``
@@ -94,8 +100,25 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> EmbeddingOutput:
         """Embed a uint8 batch; embedding and weights come back float32, on the device."""
+        return self._forward(self.inputs(batch))
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor) -> EmbeddingOutput:
+        """Embed a batch already normalised on the device (:meth:`inputs`)."""
+        return self._forward(inputs)
+
+    @torch.inference_mode()
+    def warm_up(self, largest: int) -> None:
+        """Capture (or compile) the graphs of every bucket up to ``largest`` rows now, so that no
+        batch waits for it; nothing without graphs."""
+        size = self.preprocessing.image_size
+        sample = self.inputs(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+        self._forward.warm_up(sample, largest)
+
+    def _network(self, inputs: torch.Tensor) -> EmbeddingOutput:
+        """The network at this precision on a normalised device batch: what the graphs capture."""
         with self.autocast():
-            output = self.net(self.inputs(batch))
+            output = self.net(inputs)
         return EmbeddingOutput(embedding=output.embedding.float(), weights=output.weights.float())
 
 

@@ -31,6 +31,7 @@ IMAGE = os.environ.get("GSP_CONTAINER_IMAGE", "")
 PODMAN_COMPOSE = os.environ.get("GSP_PODMAN_COMPOSE", "")
 PODMAN = shutil.which("podman")
 COMPOSE_PORT = 8591
+BALANCER_PORT = 8592
 API_KEY = "container-test-key"
 # Container and host run the same torch build here; users' CPU wheels may differ in the last bits.
 SCORE_TOLERANCE = 1e-4
@@ -218,9 +219,11 @@ class ComposeProject:
     name: str
     env: dict[str, str]
     images: Path
+    more_files: tuple[str, ...] = ()
 
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        files = ["docker-compose.yml", "docker-compose.cpu.yml", "docker/compose.ci.yml"]
+        files = ["docker-compose.yml", "docker-compose.cpu.yml", *self.more_files]
+        files.append("docker/compose.ci.yml")
         command = [PODMAN_COMPOSE, "-p", self.name]
         for file in files:
             command += ["-f", file]
@@ -360,3 +363,40 @@ def test_compose_cpu_override_runs_the_cpu_image_without_gpu_devices(
     image, devices = inspected.stdout.strip().split("|")
     assert image == IMAGE
     assert json.loads(devices) in (None, []), "the CPU override drops the GPU reservation"
+
+
+def test_compose_replicas_behind_the_balancer_answer_as_the_writer_side(
+    project: ComposeProject, workspace: Workspace
+) -> None:
+    """docker-compose.replicas.yml over the running deployment: the publisher copies the
+    gallery into the published volume, two read-only replicas serve that version behind the
+    nginx balancer, every search through the balancer answers as the writer-side api does, and
+    both replicas answer some of them."""
+    base = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/debian").stdout
+    podman(
+        "build", "--quiet", "--build-arg", f"BASE_IMAGE={base.split()[0]}",
+        "-t", f"{project.env['GSP_IMAGE']}:lb", "-f", "docker/loadbalancer/Dockerfile", str(ROOT),
+    )  # fmt: skip
+    env = {
+        **project.env,
+        "GSP_IMAGE_TAG": "cpu",
+        "GSP_LB_PORT": str(BALANCER_PORT),
+        "GSP_PUBLISH_EVERY_S": "2",
+    }
+    replicas = ComposeProject(project.name, env, project.images, ("docker-compose.replicas.yml",))
+    size = readiness(project.url)["gallery_size"]
+    expected = search(project.url, workspace.query)
+    balancer = f"http://127.0.0.1:{BALANCER_PORT}"
+    try:
+        replicas.compose("up", "-d", "publisher", "replica-1", "replica-2", "lb")
+        wait_for(
+            lambda: (readiness(balancer) or {}).get("gallery_size") == size,
+            "the replicas to serve the published gallery",
+        )
+        for _ in range(8):
+            assert_same_search(search(balancer, workspace.query), expected)
+        for service in ("replica-1", "replica-2"):
+            logs = podman("logs", replicas.container(service))
+            assert "/v1/search" in logs.stdout + logs.stderr, f"{service} answered no search"
+    finally:
+        replicas.compose("rm", "-f", "-s", "publisher", "replica-1", "replica-2", "lb", check=False)

@@ -17,6 +17,7 @@ from index.build import _collate, _FileDataset, build_gallery, index_files, open
 from index.gallery import Gallery
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, Preprocessing
+from model.hardware import GraphMode
 from model.inference import Embedder, decode_jpegs, resolve_precision, stack_crops
 from model.net import EmbeddingNet, build_embedding_net
 from model.transforms import eval_crop, eval_transform, to_uint8_tensor
@@ -155,10 +156,11 @@ def test_decoding_on_the_gpu_needs_cuda(tmp_path: Path, checkpoint: Path) -> Non
 
 
 def indexed_and_served(
-    tmp_path: Path, checkpoint: Path, device: str, decode: str
+    tmp_path: Path, checkpoint: Path, device: str, decode: str, graphs: GraphMode = "off"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the same photos as the bulk job stored them and as the service embeds
-    the files (its upload decoder, its engine), in file order."""
+    the files (its upload decoder, its engine), in file order; both forwards run as
+    ``graphs`` says (CUDA graphs or eager)."""
     from app.service.images import decode_file
     from app.service.inference import InferenceEngine
 
@@ -167,9 +169,11 @@ def indexed_and_served(
     paths[-1].write_bytes(photo_like(7, (4000, 3000)))
     build_gallery(
         tmp_path / "photos", checkpoint, tmp_path / "gallery", device=device, decode=decode,
-        batch_size=4, workers=1, progress=False,
+        batch_size=4, workers=1, graphs=graphs, progress=False,
     )  # fmt: skip
-    engine = InferenceEngine(checkpoint, torch.device(device), max_batch_size=4, max_wait_ms=0)
+    engine = InferenceEngine(
+        checkpoint, torch.device(device), max_batch_size=4, max_wait_ms=0, graphs=graphs
+    )
     with Gallery.open(tmp_path / "gallery", read_only=True) as gallery:
         stored = []
         for path in paths:
@@ -192,11 +196,12 @@ def test_a_bulk_indexed_file_embeds_as_the_service_embeds_it(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["off", "graphs"])
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_on_cuda_bulk_and_service_agree_whatever_decodes(
-    tmp_path: Path, checkpoint: Path, decode: str
+    tmp_path: Path, checkpoint: Path, decode: str, graphs: GraphMode
 ) -> None:
-    stored, served = indexed_and_served(tmp_path, checkpoint, "cuda", decode)
+    stored, served = indexed_and_served(tmp_path, checkpoint, "cuda", decode, graphs)
     assert cosines(stored, served).min() >= 0.999
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.commands.options import add_device_option, add_gallery_option, add_workers_option
-from model.hardware import DECODERS, PRECISIONS
+from model.hardware import DECODERS, GRAPH_MODES, PRECISIONS
 
 TILE = 160
 CAPTION = 28
@@ -158,6 +158,13 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
         help="where JPEGs decode: cpu (worker processes) or gpu (nvJPEG, in batches; needs "
         "CUDA; other formats still decode on the CPU) (default: cpu)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=GRAPH_MODES,
+        default="off",
+        help="on CUDA: replay the network as CUDA graphs per bucketed batch size (graphs: "
+        "captured; reduce-overhead: torch.compile's); ignored on the CPU (default: off)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -192,6 +199,7 @@ def _build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             precision=args.precision,
+            graphs=args.cuda_graphs,
             index_type=args.index_type,
             report_path=args.report,
             labels_from_subfolders=args.labels_from_subfolders,
@@ -230,6 +238,7 @@ def _add(args: argparse.Namespace) -> int:
                 device=args.device,
                 precision=args.precision,
                 decode=args.decode,
+                graphs=args.cuda_graphs,
                 failures_path=args.gallery / FAILURES_FILE,
                 progress=not args.no_progress,
             )

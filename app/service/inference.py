@@ -23,9 +23,8 @@ from PIL import Image
 from app.service.batching import MicroBatcher
 from model.checkpoint import load_checkpoint
 from model.explain import PairExplanation, PooledParts, explain_pair, repool_with_regions
-from model.graphs import BucketedForward, GraphMode
+from model.hardware import GraphMode
 from model.inference import Embedder, stack_crops
-from model.net import EmbeddingOutput
 from model.transforms import eval_crop, to_uint8_tensor
 
 __all__ = ["Embedded", "InferenceEngine", "RegionMarks", "StartupError"]
@@ -71,14 +70,12 @@ class InferenceEngine:
         self.embedding_dim: int = loaded.config.embedding_dim
         self._crop = eval_crop(self.preprocessing)
         try:
-            self._embedder = Embedder(loaded.net, self.preprocessing, device, precision)
+            self._embedder = Embedder(loaded.net, self.preprocessing, device, precision, graphs)
         except ValueError as error:
             raise StartupError(str(error)) from error
         self.net = self._embedder.net
         # The network sees a centred square crop; heatmaps must be drawn over that square only.
         self.crop_fraction = self.preprocessing.crop_fraction
-        # CUDA graphs per bucketed batch size (model/graphs.py); the network itself on a CPU.
-        self._forward = BucketedForward(self._network, device, graphs)
         self._max_batch_size = max_batch_size
         self.batcher: MicroBatcher[torch.Tensor, Embedded] = MicroBatcher(
             self.embed_tensors,
@@ -103,9 +100,7 @@ class InferenceEngine:
         size = self.preprocessing.image_size
         for batch in (1, 2):
             self.embed_tensors([torch.zeros(size, size, 3, dtype=torch.uint8)] * batch)
-        with torch.inference_mode():  # every bucket's graph captured before the first request
-            sample = self.inputs([torch.zeros(size, size, 3, dtype=torch.uint8)])
-            self._forward.warm_up(sample, self._max_batch_size)
+        self._embedder.warm_up(self._max_batch_size)  # every bucket's graph before a request
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """The cropped image as an ``(S, S, 3)`` uint8 CPU tensor, ready for :meth:`inputs`."""
@@ -116,17 +111,10 @@ class InferenceEngine:
         equal to :func:`~model.transforms.eval_transform`'s, as the indexer computed it."""
         return self._embedder.inputs(stack_crops(tensors))
 
-    def _network(self, inputs: torch.Tensor) -> EmbeddingOutput:
-        """The embedder's network at its precision on a normalised device batch (what
-        :attr:`_forward` captures: everything after the host-to-device copy)."""
-        with self._embedder.autocast():
-            output = self.net(inputs)
-        return EmbeddingOutput(embedding=output.embedding.float(), weights=output.weights.float())
-
     @torch.inference_mode()
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Embedded]:
         """One forward pass over a batch; runs on the batcher's worker thread."""
-        output = self._forward(self.inputs(tensors))
+        output = self._embedder.forward(self.inputs(tensors))
         dim = output.embedding.shape[1]
         # One device-to-host copy (and wait) for both results instead of two.
         both = torch.cat([output.embedding.float(), output.weights.float().flatten(1)], dim=1)

@@ -11,8 +11,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.graphs import GraphMode
-from model.hardware import DEVICE_NAMES, Precision, check_device_name, usable_cpus
+from model.hardware import DEVICE_NAMES, GraphMode, Precision, check_device_name, usable_cpus
 from model.runtime import Kernel, RuntimeOptions
 
 __all__ = ["Settings"]
