@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from app.service.settings import Settings
+from bench.service import stop_server
 from tests.conftest import free_port
 
 API_KEY = "test-key-5f1c"
@@ -237,12 +238,7 @@ def running_server(
             pytest.fail(f"gsp serve was not ready within {STARTUP_SECONDS} s")
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_server(process)
         if process.stdout is not None:
             process.stdout.close()
 
