@@ -6,7 +6,8 @@ hash keys as one new sorted run (a BLOB row of ``sha_runs``), merging it with th
 first (a binary counter: each key is rewritten about log2(gallery / batch) times, 16 bytes
 each time), so adding costs in proportion to what was added. A key is the hash's first 64 bits;
 a hit names candidate ids that the caller confirms against the items table, which also leaves
-out deleted items (their keys stay in the runs until the next rebuild).
+out removed items (their keys stay in the runs, 16 bytes each: dropping them at a merge would
+cost a probe of the items table per key).
 """
 
 from __future__ import annotations
