@@ -35,6 +35,22 @@ def _sorted(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[order], ids[order]
 
 
+def _merged(
+    old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs as one, in time linear in their length (``old``'s entries first among
+    equal keys)."""
+    (old_keys, old_ids), (new_keys, new_ids) = old, new
+    at = np.searchsorted(old_keys, new_keys, "right") + np.arange(len(new_keys))
+    keys = np.empty(len(old_keys) + len(new_keys), np.uint64)
+    ids = np.empty(len(keys), np.int64)
+    from_old = np.ones(len(keys), bool)
+    from_old[at] = False
+    keys[at], ids[at] = new_keys, new_ids
+    keys[from_old], ids[from_old] = old_keys, old_ids
+    return keys, ids
+
+
 def _store(db: sqlite3.Connection, keys: np.ndarray, ids: np.ndarray) -> int:
     cursor = db.execute(
         "INSERT INTO sha_runs (keys, ids) VALUES (?, ?)",
@@ -79,12 +95,14 @@ class ShaRuns:
 
     def candidates(self, keys: np.ndarray) -> list[int]:
         """Ids whose hash shares a key with one of ``keys`` (after :meth:`refresh`)."""
+        keys = np.sort(keys)  # sorted queries let searchsorted walk each run once
         found: list[int] = []
         for run_keys, run_ids in self._runs.values():
-            low = np.searchsorted(run_keys, keys, "left")
-            high = np.searchsorted(run_keys, keys, "right")
-            for position in np.flatnonzero(high > low):
-                found.extend(run_ids[low[position] : high[position]].tolist())
+            low = np.searchsorted(run_keys, keys)
+            hits = np.flatnonzero(run_keys[np.minimum(low, len(run_keys) - 1)] == keys)
+            for key, start in zip(keys[hits], low[hits], strict=True):
+                stop = np.searchsorted(run_keys, key, "right")
+                found.extend(run_ids[start:stop].tolist())
         return found
 
     def write(self, keys: np.ndarray, ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -96,8 +114,7 @@ class ShaRuns:
         for run in sorted(runs, key=lambda r: len(runs[r][0])):
             if len(runs[run][0]) > len(keys):
                 break
-            old_keys, old_ids = runs.pop(run)
-            keys, ids = _sorted(np.concatenate([old_keys, keys]), np.concatenate([old_ids, ids]))
+            keys, ids = _merged(runs.pop(run), (keys, ids))
             self._db.execute("DELETE FROM sha_runs WHERE run = ?", (run,))
         runs[_store(self._db, keys, ids)] = (keys, ids)
         return runs

@@ -25,8 +25,11 @@ def rows(hashes: list[str]) -> list[ItemRow]:
 
 
 def run_sizes(path: Path) -> list[int]:
+    """Each run's length, checking that its keys are sorted."""
     with sqlite3.connect(path) as db:
-        return [len(k) // 8 for (k,) in db.execute("SELECT keys FROM sha_runs")]
+        runs = [np.frombuffer(k, "<u8") for (k,) in db.execute("SELECT keys FROM sha_runs")]
+    assert all((keys[1:] >= keys[:-1]).all() for keys in runs)
+    return [len(keys) for keys in runs]
 
 
 def test_every_hash_is_found_with_its_id_and_runs_stay_few(tmp_path: Path) -> None:
