@@ -12,7 +12,9 @@ the current format.
 History:
 
 1. the first format (the database unstamped);
-2. the database stamped with ``application_id`` and ``user_version``.
+2. the database stamped with ``application_id`` and ``user_version``;
+3. sha256 lookups through sorted runs (:mod:`index.sha_runs`) instead of a unique index,
+   whose random updates made adding cost grow with the gallery.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from index.errors import GalleryCorruptError, GalleryFormatError
+from index.sha_runs import write_first_run
 
 __all__ = [
     "APPLICATION_ID",
@@ -62,12 +65,37 @@ def _stamp_application_id(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
 
+_ITEMS_COLUMNS = (
+    "id, source, sha256, label, added_at, extra, embedding, weights, weights_h, weights_w"
+)
+
+
+def _sha256_runs(db: sqlite3.Connection) -> None:
+    """Rebuild ``items`` without its unique sha256 index (SQLite cannot drop it in place),
+    keeping the id sequence so ids stay never reused, and write the runs."""
+    sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+    db.execute(
+        "CREATE TABLE items_v3 (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,"
+        " sha256 TEXT NOT NULL, label TEXT, added_at TEXT NOT NULL, extra TEXT NOT NULL,"
+        " embedding BLOB NOT NULL, weights BLOB NOT NULL, weights_h INTEGER NOT NULL,"
+        " weights_w INTEGER NOT NULL)"
+    )
+    db.execute(f"INSERT INTO items_v3 ({_ITEMS_COLUMNS}) SELECT {_ITEMS_COLUMNS} FROM items")
+    db.execute("DROP TABLE items")
+    db.execute("ALTER TABLE items_v3 RENAME TO items")
+    db.execute("CREATE INDEX items_label ON items(label)")
+    if sequence is not None:
+        db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'items'", (sequence[0],))
+    write_first_run(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "stamp the database as a gsp gallery's", _stamp_application_id),
+    Migration(3, "look sha256 up in sorted runs, not a unique index", _sha256_runs),
 )
 FORMAT_VERSION = 1 + len(MIGRATIONS)
 # Older formats this code still opens read-only (a writer needs FORMAT_VERSION).
-READ_COMPATIBLE = frozenset({1})
+READ_COMPATIBLE = frozenset({1, 2})
 
 
 def upgrade_command(directory: Path) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from index.format import APPLICATION_ID, FORMAT_VERSION, database_format
 from index.limits import stored_label, stored_metadata
+from index.sha_runs import RUNS_TABLE, ShaRuns, keys_of
 
 __all__ = ["ItemRecord", "ItemRow", "MetadataStore"]
 
@@ -25,7 +26,7 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
-    sha256 TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
     label TEXT,
     added_at TEXT NOT NULL,
     extra TEXT NOT NULL,
@@ -35,14 +36,13 @@ CREATE TABLE IF NOT EXISTS items (
     weights_w INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS items_label ON items(label);
+{RUNS_TABLE};
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {FORMAT_VERSION};
 """
 _META_COLUMNS = "id, source, sha256, label, added_at, extra, weights, weights_h, weights_w"
 # SQLite's default limit on bound parameters is 999 on old builds; stay under it.
 _CHUNK = 900
-# A writer's page cache (SQLite's default is 2 MiB): a 1M-item gallery's sha256 index is ~90 MiB.
-_CACHE_KIB = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,15 @@ class MetadataStore:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            # Room for the sha256 index's pages, which every add probes at random places.
-            self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             if create:
                 self._db.executescript(_SCHEMA)
                 self._db.commit()
         self._db.execute("SELECT 1 FROM items LIMIT 1").fetchall()
+        # Formats before 3 (read-only here) kept a unique index on sha256 instead of runs.
+        has_runs = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sha_runs'"
+        ).fetchone()
+        self._sha_runs = ShaRuns(self._db) if has_runs else None
 
     def close(self) -> None:
         self._db.close()
@@ -136,11 +139,21 @@ class MetadataStore:
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def find_sha256(self, hashes: Sequence[str]) -> dict[str, int]:
+        """The id of each hash already stored (see :mod:`index.sha_runs`)."""
         found: dict[str, int] = {}
-        for chunk in _chunks(list(hashes)):
+        if self._sha_runs is None:
+            for chunk in _chunks(list(hashes)):
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT sha256, id FROM items WHERE sha256 IN ({marks})"
+                found.update(self._db.execute(query, tuple(chunk)).fetchall())
+            return found
+        wanted = set(hashes)
+        self._sha_runs.refresh()
+        candidates = self._sha_runs.candidates(keys_of(list(wanted)))
+        for chunk in _chunks(candidates):
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT sha256, id FROM items WHERE sha256 IN ({marks})"
-            found.update(self._db.execute(query, tuple(chunk)).fetchall())
+            query = f"SELECT sha256, id FROM items WHERE id IN ({marks})"
+            found.update(r for r in self._db.execute(query, tuple(chunk)) if r[0] in wanted)
         return found
 
     def all_sha256(self) -> set[str]:
@@ -149,7 +162,14 @@ class MetadataStore:
     def insert(self, rows: Sequence[ItemRow]) -> list[int]:
         """Insert new items in one transaction and one batched statement; return their ids in
         order. ``AUTOINCREMENT`` gives the rows of one transaction consecutive ids after the
-        table's sequence, so they are read from it rather than row by row."""
+        table's sequence, so they are read from it rather than row by row. The caller has
+        checked with :meth:`find_sha256` that no hash is stored yet."""
+        if self._sha_runs is None:
+            raise RuntimeError("a gallery database before format 3 is read-only")
+        if not rows:
+            return []
+        runs = self._sha_runs
+        runs.refresh()
         values = []
         for row in rows:
             grid = np.ascontiguousarray(row.weights, dtype=np.float16)
@@ -176,7 +196,10 @@ class MetadataStore:
             after = self._sequence()
             if after - before != len(values):  # another writer: never, the gallery is locked
                 raise RuntimeError(f"inserted {len(values)} rows but ids moved {after - before}")
-        return list(range(before + 1, after + 1))
+            ids = np.arange(before + 1, after + 1, dtype=np.int64)
+            written = runs.write(keys_of([row.sha256 for row in rows]), ids)
+        runs.adopt(written)
+        return ids.tolist()
 
     def _sequence(self) -> int:
         """The last id ``AUTOINCREMENT`` handed out (0 before the first insert)."""

@@ -128,8 +128,27 @@ def test_an_upgrade_stopped_between_database_and_manifest_is_finished_by_a_rerun
     with pytest.raises(GalleryFormatError, match="has format 1"):
         Gallery.open(v1)
     report = upgrade_gallery(v1)
-    assert (report.from_version, report.to_version, len(report.steps)) == (1, FORMAT_VERSION, 1)
+    assert (report.from_version, report.to_version) == (1, FORMAT_VERSION)
+    assert report.steps == tuple(step.summary for step in MIGRATIONS)
     Gallery.open(v1).close()
+
+
+def test_the_sha256_runs_step_keeps_dedupe_and_never_reuses_an_id(v1: Path) -> None:
+    last = make_gallery.COUNT
+    with contextlib.closing(sqlite3.connect(v1 / DATABASE, isolation_level=None)) as db:
+        db.execute("DELETE FROM items WHERE id = ?", (last,))  # the highest id, gone
+    upgrade_gallery(v1)
+    with contextlib.closing(sqlite3.connect(v1 / DATABASE)) as db:
+        indexes = db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'items'").fetchall()
+        assert ("sqlite_autoindex_items_1",) not in indexes
+    with Gallery.open(v1) as gallery:
+        assert gallery.find_sha256(make_gallery.sha256_of(0)) == 1
+        assert gallery.find_sha256(make_gallery.sha256_of(last - 1)) is None
+        vectors = np.eye(make_gallery.DIM, dtype=np.float32)[:2]
+        items = [ItemInput("old", make_gallery.sha256_of(0)), ItemInput("new", "ab" * 32)]
+        result = gallery.add(vectors, [np.ones((3, 3))] * 2, items)
+        assert result.duplicates == [0]
+        assert result.ids == [1, last + 1]
 
 
 def _stamped(gallery: Path) -> bool:
