@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +51,8 @@ def test_whitened_pca_whitens() -> None:
     assert torch.allclose(covariance, torch.eye(5, dtype=torch.float64), atol=1e-3)
 
 
-def test_cheap_training_forms_equal_the_heads_on_raw_maps() -> None:
+@pytest.mark.parametrize("trained_projection", [False, True])
+def test_cheap_training_forms_equal_the_heads_on_raw_maps(trained_projection: bool) -> None:
     """GAP on pre-pooled maps equals GAP on the maps; the GSP head trained on projected maps
     equals :func:`unseen.full_head` (projection folded in) on the raw maps."""
     generator = torch.Generator().manual_seed(3)
@@ -61,23 +63,10 @@ def test_cheap_training_forms_equal_the_heads_on_raw_maps() -> None:
     assert torch.allclose(gap(maps).embedding, gap(pooled).embedding, atol=1e-5)
 
     inner = GeneralizedSumPooling(8, 8, num_prototypes=4, transport_ratio=0.3, entropy_weight=10)
-    with torch.no_grad():
-        inner.projection.weight.copy_(torch.eye(8)[:, :, None, None])
-        inner.projection.bias.zero_()
-    inner.eval()
-    full = unseen.full_head(inner, start)
-    on_projected = inner(unseen.project(maps, *start))
-    on_raw = full(maps)
-    assert torch.allclose(on_projected.embedding, on_raw.embedding, atol=1e-4)
-    assert torch.allclose(on_projected.weights, on_raw.weights, atol=1e-4)
-
-
-def test_full_head_folds_a_trained_gsp_projection() -> None:
-    """With a trained (non-identity) inner projection, the folded head is still the same map."""
-    generator = torch.Generator().manual_seed(4)
-    maps = torch.randn(5, 20, 6, 6, generator=generator)
-    start = unseen.whitened_pca(torch.randn(200, 20, generator=generator), 8)
-    inner = GeneralizedSumPooling(8, 8, num_prototypes=4, transport_ratio=0.3, entropy_weight=10)
+    if not trained_projection:  # the recipe's frozen identity; else a trained (random) one
+        with torch.no_grad():
+            inner.projection.weight.copy_(torch.eye(8)[:, :, None, None])
+            inner.projection.bias.zero_()
     inner.eval()
     full = unseen.full_head(inner, start)
     on_projected = inner(unseen.project(maps, *start))
@@ -146,3 +135,11 @@ def test_gsp_variants_train() -> None:
     assert isinstance(head, GeneralizedSumPooling)
     assert not torch.allclose(head.projection.weight.flatten(1), torch.eye(8))
     assert torch.isfinite(unseen.pool(head, inputs.projected)[0]).all()
+
+
+def test_the_tuning_loop_refuses_the_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unseen_tune
+
+    monkeypatch.setattr(sys, "argv", ["unseen_tune.py", "--split", "test"])
+    with pytest.raises(SystemExit, match="validation split only"):
+        unseen_tune.main()
