@@ -119,16 +119,55 @@ class Recipe:
     prototypes: int
     mu: float
     entropy_weight: float
+    start: str = "whitened"
+    lr_gsp_projection: float = 0.0
+    plan_teacher: float = 0.0
+    plan_temperature: float = 0.05
+    prototype_init: str = "kcenter"
 
 
-def whitened_pca(pooled: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """``(W, b)`` with ``W x + b`` the top-``dim`` principal components of ``pooled``, whitened."""
+def whitened_pca(pooled: Tensor, dim: int, whiten: bool = True) -> tuple[Tensor, Tensor]:
+    """``(W, b)`` with ``W x + b`` the top-``dim`` principal components of ``pooled``, whitened
+    (or, ``whiten=False``, scaled by one number to unit mean variance: plain PCA)."""
     mean = pooled.double().mean(dim=0)
     centred = pooled.double() - mean
     eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / centred.shape[0])
     top = eigenvalues.argsort(descending=True)[:dim]
-    weight = (vectors[:, top] / eigenvalues[top].clamp_min(1e-8).sqrt()).T
+    if whiten:
+        weight = (vectors[:, top] / eigenvalues[top].clamp_min(1e-8).sqrt()).T
+    else:
+        weight = vectors[:, top].T / eigenvalues[top].clamp_min(1e-8).mean().sqrt()
     return weight.float(), (-weight @ mean).float()
+
+
+def spherical_kmeans(
+    points: Tensor, k: int, generator: torch.Generator, iterations: int = 20
+) -> Tensor:
+    """``k`` unit centres of the L2-normalised ``points`` ``(N, d)`` by spherical k-means
+    (Lloyd on cosine), started from ``k`` random points; an empty cluster keeps its centre."""
+    unit = F.normalize(points.float(), dim=1)
+    centres = unit[torch.randperm(unit.shape[0], generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assignment = (unit @ centres.T).argmax(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, unit)
+        counts = torch.bincount(assignment, minlength=k)
+        centres = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centres)
+    return centres
+
+
+def teacher_location_targets(maps: Tensor, clean: Tensor, temperature: float) -> Tensor:
+    """``(N, h, w)`` label-free pooling targets: the softmax over locations of the cosine between
+    each location's backbone feature and the clean object's average-pooled feature, divided by
+    ``temperature``."""
+    cosines = torch.cat(
+        [
+            F.cosine_similarity(
+                maps[i : i + 200].float(), clean[i : i + 200].float()[:, :, None, None], dim=1
+            )
+            for i in range(0, maps.shape[0], 200)
+        ]
+    )
+    return torch.softmax(cosines.flatten(1) / temperature, dim=1).reshape(cosines.shape)
 
 
 @dataclass
@@ -139,6 +178,7 @@ class Inputs:
     teacher: Tensor  # (N, C) the clean object, average-pooled by the backbone
     pooled: Tensor  # (N, C, 1, 1) average-pooled maps: the GAP head's input
     projected: Tensor  # (N, d, h, w) maps through the frozen head start: the GSP head's input
+    location_targets: Tensor | None = None  # (N, h, w) the teacher's pooling targets
 
 
 def project(maps: Tensor, weight: Tensor, bias: Tensor, chunk: int = 200) -> Tensor:
@@ -183,7 +223,7 @@ def train_head(
             head.projection.weight.copy_(weight[:, :, None, None])
             head.projection.bias.copy_(bias)
         maps = inputs.pooled
-        trained = list(head.parameters())
+        trained: list[dict[str, object]] = [{"params": list(head.parameters())}]
     else:
         head = GeneralizedSumPooling(dim, dim, recipe.prototypes, recipe.mu, recipe.entropy_weight)
         with torch.no_grad():
@@ -191,30 +231,46 @@ def train_head(
             head.projection.bias.zero_()
             generator = torch.Generator().manual_seed(seed)
             sample = inputs.projected[torch.randperm(len(inputs.labels), generator=generator)[:256]]
-            head.init_prototypes(sample.flatten(2).transpose(1, 2).reshape(-1, dim), generator)
-        head.projection.requires_grad_(False)
+            locations = sample.flatten(2).transpose(1, 2).reshape(-1, dim)
+            if recipe.prototype_init == "kmeans":
+                head.prototypes.copy_(spherical_kmeans(locations, recipe.prototypes, generator))
+            else:
+                head.init_prototypes(locations, generator)
         maps = inputs.projected
-        trained = [head.prototypes]
+        trained = [{"params": [head.prototypes]}]
+        if recipe.lr_gsp_projection > 0:
+            projection = list(head.projection.parameters())
+            trained.append({"params": projection, "lr": recipe.lr_gsp_projection})
+        else:
+            head.projection.requires_grad_(False)
     metric = build_loss(recipe.loss, int(inputs.labels.max()) + 1, dim)
     lr = recipe.lr if kind == "GAP" else recipe.lr_prototypes
-    optimizer = torch.optim.Adam([*trained, *metric.parameters()], lr=lr)
+    optimizer = torch.optim.Adam([*trained, {"params": list(metric.parameters())}], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    fixed_targets = F.normalize(F.linear(inputs.teacher, weight, bias), dim=1)
+    teacher_start = F.linear(inputs.teacher, weight, bias)
+    fixed_targets = F.normalize(teacher_start, dim=1)
     head.train()
     for _ in range(recipe.epochs):
         for index in batches(inputs.labels, recipe.batch_instances, generator):
-            embedding = F.normalize(head(maps[index]).embedding, dim=1)
+            result = head(maps[index])
+            embedding = F.normalize(result.embedding, dim=1)
             loss = recipe.metric_weight * metric(embedding, inputs.labels[index])
             if recipe.distill:
-                if kind == "GAP":
+                if kind == "GAP" or recipe.lr_gsp_projection > 0:
                     projection = head.projection
-                    target = F.linear(
-                        inputs.teacher[index], projection.weight.flatten(1), projection.bias
-                    )
+                    source = inputs.teacher if kind == "GAP" else teacher_start
+                    target = F.linear(source[index], projection.weight.flatten(1), projection.bias)
                     target = F.normalize(target.detach(), dim=1)
                 else:
                     target = fixed_targets[index]
                 loss = loss + recipe.distill * (1 - (embedding * target).sum(dim=1)).mean()
+            if recipe.plan_teacher and kind == "GSP":
+                assert inputs.location_targets is not None
+                share = result.weights.flatten(1)
+                share = share / share.sum(dim=1, keepdim=True).clamp_min(1e-12)
+                wanted = inputs.location_targets[index].flatten(1)
+                cross_entropy = -(wanted * share.clamp_min(1e-12).log()).sum(dim=1).mean()
+                loss = loss + recipe.plan_teacher * cross_entropy
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -222,8 +278,8 @@ def train_head(
 
 
 def full_head(head: nn.Module, start: tuple[Tensor, Tensor]) -> nn.Module:
-    """The trained head on raw backbone maps: a GSP head's frozen identity projection composed
-    with the head start (the same function, one 1x1 convolution); a GAP head as it is."""
+    """The trained head on raw backbone maps: a GSP head's projection (identity unless trained)
+    composed with the head start (the same function, one 1x1 convolution); a GAP head as it is."""
     if not isinstance(head, GeneralizedSumPooling):
         return head
     weight, bias = start
@@ -234,9 +290,10 @@ def full_head(head: nn.Module, start: tuple[Tensor, Tensor]) -> nn.Module:
         head.transport_ratio,
         head.entropy_weight,
     )
+    inner_weight, inner_bias = head.projection.weight.flatten(1), head.projection.bias
     with torch.no_grad():
-        full.projection.weight.copy_(weight[:, :, None, None])
-        full.projection.bias.copy_(bias)
+        full.projection.weight.copy_((inner_weight @ weight)[:, :, None, None])
+        full.projection.bias.copy_(inner_weight @ bias + inner_bias)
         full.prototypes.copy_(head.prototypes)
     return full.eval()
 
@@ -288,8 +345,8 @@ def save_head(args: argparse.Namespace) -> None:
 
     recipe = recipe_of(args)
     data = unseen_data.load()
-    start = head_start(data)
-    inputs = training_inputs(data, start, "instance")
+    start = head_start(data, recipe.start)
+    inputs = training_inputs(data, start, "instance", recipe)
     head = full_head(train_head("GSP", recipe, inputs, start, args.seeds[0]), start)
     assert isinstance(head, GeneralizedSumPooling)
     metadata = {
@@ -308,19 +365,32 @@ def save_head(args: argparse.Namespace) -> None:
     print(f"GSP head written to {args.save_head} ({args.save_head.stat().st_size} bytes)")
 
 
-def head_start(data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Whitened PCA of the training collages' average-pooled backbone features."""
-    return whitened_pca(data["train_maps"].float().mean(dim=(2, 3)), P.EMBEDDING_DIM)
+def head_start(data: dict[str, Tensor], kind: str = "whitened") -> tuple[Tensor, Tensor]:
+    """Whitened (``kind`` "whitened") or plain ("plain") PCA of the training collages'
+    average-pooled backbone features."""
+    pooled = data["train_maps"].float().mean(dim=(2, 3))
+    return whitened_pca(pooled, P.EMBEDDING_DIM, whiten=kind == "whitened")
 
 
-def training_inputs(data: dict[str, Tensor], start: tuple[Tensor, Tensor], labels: str) -> Inputs:
-    """``labels``: "instance" (instance protocol) or "label" (class protocol)."""
+def training_inputs(
+    data: dict[str, Tensor],
+    start: tuple[Tensor, Tensor],
+    labels: str,
+    recipe: Recipe | None = None,
+) -> Inputs:
+    """``labels``: "instance" (instance protocol) or "label" (class protocol); the teacher's
+    pooling targets only where ``recipe`` asks for them."""
     maps = data["train_maps"]
+    teacher = data["train_clean"][data["train_instance"]]
+    targets = None
+    if recipe is not None and recipe.plan_teacher:
+        targets = teacher_location_targets(maps, teacher, recipe.plan_temperature)
     return Inputs(
         labels=data[f"train_{labels}"],
-        teacher=data["train_clean"][data["train_instance"]],
+        teacher=teacher,
         pooled=maps.float().mean(dim=(2, 3), keepdim=True),
         projected=project(maps, *start),
+        location_targets=targets,
     )
 
 
@@ -333,8 +403,10 @@ def run(args: argparse.Namespace) -> None:
     recipe = recipe_of(args)
     data = unseen_data.load()
     split = args.split
-    start = head_start(data)
-    train_sets = {name: training_inputs(data, start, name) for name in ("instance", "label")}
+    start = head_start(data, recipe.start)
+    train_sets = {
+        name: training_inputs(data, start, name, recipe) for name in ("instance", "label")
+    }
     evaluated = head_inputs(data[f"{split}_maps"], start)
     real_inputs = head_inputs(data["real_maps"], start) if split == "test" else {}
     eval_maps, positions = data[f"{split}_maps"], data[f"{split}_position"]
@@ -472,6 +544,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prototypes", type=int, default=16)
     parser.add_argument("--mu", type=float, default=0.1)
     parser.add_argument("--entropy-weight", type=float, default=30.0)
+    parser.add_argument(
+        "--start", choices=["whitened", "plain"], default="whitened", help="the heads' PCA start"
+    )
+    parser.add_argument(
+        "--lr-gsp-projection", type=float, default=0.0, help="GSP trains its projection (0: frozen)"
+    )
+    parser.add_argument(
+        "--plan-teacher",
+        type=float,
+        default=0.0,
+        help="weight of the label-free pooling target: cross-entropy of GSP's weights to the "
+        "softmax over locations of cos(location, clean object) / --plan-temperature",
+    )
+    parser.add_argument("--plan-temperature", type=float, default=0.05)
+    parser.add_argument("--prototype-init", choices=["kcenter", "kmeans"], default="kcenter")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--ship-mu",

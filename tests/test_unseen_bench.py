@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +51,8 @@ def test_whitened_pca_whitens() -> None:
     assert torch.allclose(covariance, torch.eye(5, dtype=torch.float64), atol=1e-3)
 
 
-def test_cheap_training_forms_equal_the_heads_on_raw_maps() -> None:
+@pytest.mark.parametrize("trained_projection", [False, True])
+def test_cheap_training_forms_equal_the_heads_on_raw_maps(trained_projection: bool) -> None:
     """GAP on pre-pooled maps equals GAP on the maps; the GSP head trained on projected maps
     equals :func:`unseen.full_head` (projection folded in) on the raw maps."""
     generator = torch.Generator().manual_seed(3)
@@ -61,12 +63,83 @@ def test_cheap_training_forms_equal_the_heads_on_raw_maps() -> None:
     assert torch.allclose(gap(maps).embedding, gap(pooled).embedding, atol=1e-5)
 
     inner = GeneralizedSumPooling(8, 8, num_prototypes=4, transport_ratio=0.3, entropy_weight=10)
-    with torch.no_grad():
-        inner.projection.weight.copy_(torch.eye(8)[:, :, None, None])
-        inner.projection.bias.zero_()
+    if not trained_projection:  # the recipe's frozen identity; else a trained (random) one
+        with torch.no_grad():
+            inner.projection.weight.copy_(torch.eye(8)[:, :, None, None])
+            inner.projection.bias.zero_()
     inner.eval()
     full = unseen.full_head(inner, start)
     on_projected = inner(unseen.project(maps, *start))
     on_raw = full(maps)
     assert torch.allclose(on_projected.embedding, on_raw.embedding, atol=1e-4)
     assert torch.allclose(on_projected.weights, on_raw.weights, atol=1e-4)
+
+
+def test_plain_pca_keeps_the_spectrum() -> None:
+    generator = torch.Generator().manual_seed(5)
+    data = torch.randn(4000, 12, generator=generator) * torch.linspace(1, 4, 12)
+    weight, bias = unseen.whitened_pca(data, 5, whiten=False)
+    projected = (data @ weight.T + bias).double()
+    covariance = projected.T @ projected / projected.shape[0]
+    variances = covariance.diagonal()
+    assert torch.allclose(covariance - torch.diag(variances), torch.zeros(5, 5).double(), atol=1e-2)
+    assert bool((variances[:-1] >= variances[1:]).all()) and abs(float(variances.mean()) - 1) < 1e-3
+
+
+def test_spherical_kmeans_finds_separated_directions() -> None:
+    generator = torch.Generator().manual_seed(6)
+    axes = torch.eye(4)
+    points = torch.cat([axes[i] + 0.05 * torch.randn(50, 4, generator=generator) for i in range(4)])
+    centres = unseen.spherical_kmeans(points, 4, generator)
+    assert torch.allclose(centres.norm(dim=1), torch.ones(4), atol=1e-5)
+    best = (centres @ axes.T).max(dim=0).values
+    assert bool((best > 0.99).all())
+
+
+def test_teacher_location_targets_peak_on_the_object() -> None:
+    generator = torch.Generator().manual_seed(7)
+    maps = torch.randn(3, 16, 6, 6, generator=generator)
+    clean = torch.randn(3, 16, generator=generator)
+    maps[:, :, 2, 3] = clean * 2
+    targets = unseen.teacher_location_targets(maps, clean, 0.05)
+    assert torch.allclose(targets.sum(dim=(1, 2)), torch.ones(3), atol=1e-5)
+    assert bool((targets.flatten(1).argmax(dim=1) == 2 * 6 + 3).all())
+
+
+def test_gsp_variants_train() -> None:
+    """Each new GSP option trains a few steps on a toy set without error and moves the head."""
+    generator = torch.Generator().manual_seed(8)
+    labels = torch.arange(8).repeat_interleave(4)
+    maps = torch.randn(32, 20, 6, 6, generator=generator)
+    start = unseen.whitened_pca(maps.mean(dim=(2, 3)), 8, whiten=False)
+    teacher = torch.randn(32, 20, generator=generator)
+    inputs = unseen.Inputs(
+        labels=labels,
+        teacher=teacher,
+        pooled=maps.mean(dim=(2, 3), keepdim=True),
+        projected=unseen.project(maps, *start),
+        location_targets=unseen.teacher_location_targets(maps, teacher, 0.1),
+    )
+    recipe = unseen.Recipe(
+        **{
+            **vars(unseen.recipe_of(unseen.parse_defaults())),
+            "epochs": 2,
+            "batch_instances": 4,
+            "prototypes": 4,
+            "lr_gsp_projection": 1e-2,
+            "plan_teacher": 1.0,
+            "prototype_init": "kmeans",
+        }
+    )
+    head = unseen.train_head("GSP", recipe, inputs, start, 0)
+    assert isinstance(head, GeneralizedSumPooling)
+    assert not torch.allclose(head.projection.weight.flatten(1), torch.eye(8))
+    assert torch.isfinite(unseen.pool(head, inputs.projected)[0]).all()
+
+
+def test_the_tuning_loop_refuses_the_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unseen_tune
+
+    monkeypatch.setattr(sys, "argv", ["unseen_tune.py", "--split", "test"])
+    with pytest.raises(SystemExit, match="validation split only"):
+        unseen_tune.main()
