@@ -398,5 +398,13 @@ def test_compose_replicas_behind_the_balancer_answer_as_the_writer_side(
         for service in ("replica-1", "replica-2"):
             logs = podman("logs", replicas.container(service))
             assert "/v1/search" in logs.stdout + logs.stderr, f"{service} answered no search"
-    finally:
-        replicas.compose("rm", "-f", "-s", "publisher", "replica-1", "replica-2", "lb", check=False)
+    finally:  # the module's `down` knows only the main files: remove what this test added
+        for service in ("lb", "replica-1", "replica-2", "publisher"):  # dependents first
+            ids = podman(
+                "ps", "--all", "--quiet",
+                "--filter", f"label=com.docker.compose.project={project.name}",
+                "--filter", f"label=com.docker.compose.service={service}",
+            ).stdout.split()  # fmt: skip
+            if ids:
+                podman("rm", "--force", *ids)
+        podman("volume", "rm", "--force", project.volume("published"), check=False)
