@@ -47,9 +47,6 @@ from model.evaluate import retrieval_metrics
 from model.gsp import GeneralizedSumPooling, GlobalAveragePooling
 from model.losses import build_loss
 
-UNIFORM_SHARE = 1 / (P.GRID * P.GRID)
-
-
 # -- measures --------------------------------------------------------------------------------
 
 
@@ -70,8 +67,9 @@ def mean_pairwise_cosine(embeddings: Tensor) -> float:
 
 def object_masks(positions: Tensor, size: int) -> Tensor:
     """``(N, size, size)`` masks of the locations on each collage's object cell."""
-    per_cell = size // P.GRID
-    rows, cols = positions // P.GRID, positions % P.GRID
+    grid = P.current().grid
+    per_cell = size // grid
+    rows, cols = positions // grid, positions % grid
     index = torch.arange(size)
     on_row = (index[None, :] // per_cell) == rows[:, None]
     on_col = (index[None, :] // per_cell) == cols[:, None]
@@ -327,9 +325,10 @@ def untrained(name: str, maps: Tensor, positions: Tensor, seed: int) -> tuple[Te
     """Embeddings and object share of the rows that need no training."""
     if name == "random":
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(maps.shape[0], P.EMBEDDING_DIM, generator=generator), float("nan")
+        dim = P.current().embedding_dim
+        return torch.randn(maps.shape[0], dim, generator=generator), float("nan")
     if name == "backbone GAP":
-        return maps.float().mean(dim=(2, 3)), UNIFORM_SHARE
+        return maps.float().mean(dim=(2, 3)), P.current().uniform_share
     masks = object_masks(positions, maps.shape[-1])[:, None]  # oracle: the object cell only
     return (maps.float() * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)), 1.0
 
@@ -350,13 +349,13 @@ def save_head(args: argparse.Namespace) -> None:
     head = full_head(train_head("GSP", recipe, inputs, start, args.seeds[0]), start)
     assert isinstance(head, GeneralizedSumPooling)
     metadata = {
-        "embedding_dim": str(P.EMBEDDING_DIM),
+        "embedding_dim": str(P.current().embedding_dim),
         "num_prototypes": str(head.num_prototypes),
         "transport_ratio": str(args.ship_mu if args.ship_mu is not None else head.transport_ratio),
         "trained_transport_ratio": str(head.transport_ratio),
         "entropy_weight": str(head.entropy_weight),
-        "backbone": P.BACKBONE,
-        "protocol": P.protocol_digest(),
+        "backbone": P.current().backbone,
+        "protocol": f"{P.current().name} {P.current().digest()}",
         "command": "python bench/unseen.py " + " ".join(sys.argv[1:]),
     }
     tensors = {name: value.detach().contiguous() for name, value in head.state_dict().items()}
@@ -369,7 +368,7 @@ def head_start(data: dict[str, Tensor], kind: str = "whitened") -> tuple[Tensor,
     """Whitened (``kind`` "whitened") or plain ("plain") PCA of the training collages'
     average-pooled backbone features."""
     pooled = data["train_maps"].float().mean(dim=(2, 3))
-    return whitened_pca(pooled, P.EMBEDDING_DIM, whiten=kind == "whitened")
+    return whitened_pca(pooled, P.current().embedding_dim, whiten=kind == "whitened")
 
 
 def training_inputs(
@@ -438,7 +437,7 @@ def run(args: argparse.Namespace) -> None:
             for key, value in protocols["instance"](embeddings).items():
                 add(f"trained {kind}", f"instance {key}", value)
             # GAP weighs every location 1 (its input here is pre-pooled): the uniform share
-            share = object_share(weights, positions) if kind == "GSP" else UNIFORM_SHARE
+            share = object_share(weights, positions) if kind == "GSP" else P.current().uniform_share
             add(f"trained {kind}", "share", share)
             if split == "test":
                 real = pool(instance_head, real_inputs[kind])[0]
@@ -456,7 +455,8 @@ def run(args: argparse.Namespace) -> None:
                 flush=True,
             )
     if args.json is not None:
-        args.json.write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "rows": rows}))
+        record = {"protocol": args.protocol, "recipe": dataclasses.asdict(recipe), "rows": rows}
+        args.json.write_text(json.dumps(record))
     report(args, recipe, rows)
 
 
@@ -464,8 +464,9 @@ def merge(args: argparse.Namespace) -> None:
     """One report from the ``--json`` files of runs of the same recipe (e.g. one seed each, run
     side by side): their per-seed values are pooled."""
     runs = [json.loads(path.read_text()) for path in args.merge]
-    if any(run["recipe"] != runs[0]["recipe"] for run in runs):
-        raise SystemExit("--merge needs runs of one recipe")
+    wanted = (runs[0]["recipe"], args.protocol)
+    if any((run["recipe"], run.get("protocol")) != wanted for run in runs):
+        raise SystemExit("--merge needs runs of one recipe on the --protocol given")
     rows: dict[str, dict[str, list[float]]] = {}
     for run_record in runs:
         for row, values in run_record["rows"].items():
@@ -492,7 +493,8 @@ def report(
     ).stdout.strip()
     print(
         f"\ncommit {commit}; machine {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}; protocol {P.protocol_digest()}; "
+        f"load average {os.getloadavg()[0]:.1f}; "
+        f"protocol {P.current().name} {P.current().digest()}; "
         f"split {args.split}; seeds {args.seeds}\n{recipe}\n"
     )
     tables = {
@@ -514,7 +516,7 @@ def report(
     if args.split != "test":
         del tables["real photos of unseen classes"]  # CIFAR-10 test photos: never for choosing
     for title, keys in tables.items():
-        print(f"{title} ({args.split}; object share uniform = {UNIFORM_SHARE:.3f})")
+        print(f"{title} ({args.split}; object share uniform = {P.current().uniform_share:.3f})")
         print("| | " + " | ".join(k.split(" ", 1)[-1] for k in keys) + " |")
         print("| --- |" + " --- |" * len(keys))
         for row, values in rows.items():
@@ -531,7 +533,8 @@ def parse_defaults() -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=["val", "test"], default="val")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(P.SEEDS))
+    parser.add_argument("--protocol", choices=sorted(P.PROTOCOLS), default=P.DEFAULT)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(P.current().seeds))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4, help="projection (and proxies)")
     parser.add_argument("--lr-prototypes", type=float, default=1e-2)
@@ -579,7 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse() -> argparse.Namespace:
-    return build_parser().parse_args()
+    """The command line, with its ``--protocol`` put in use."""
+    args = build_parser().parse_args()
+    P.use(args.protocol)
+    return args
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unseen_protocols as P
 
+from model.data.cifar import CIFAR10_CLASSES
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO / ".cache" / "unseen"
 SPLITS = ("train", "val", "test")
@@ -39,22 +41,27 @@ def _folder(split: str) -> str:
 
 
 def plan(root: Path) -> dict[str, dict[str, list]]:
-    """Per split: each collage's ``cells`` (9 paths, row-major), ``instance``, ``label`` and
-    ``position`` (the object's cell); for train also the distinct ``photos`` (teacher input)."""
-    rng = np.random.default_rng(P.DATA_SEED)
-    cells = P.GRID * P.GRID
+    """Per split: each collage's ``cells`` (grid x grid paths, row-major), ``instance``,
+    ``label``, ``position`` (the object's cell) and ``shuffle`` (the seed of its clutter's block
+    shuffle; unused without ``shuffle_block``); for train also the distinct ``photos``."""
+    p = P.current()
+    rng = np.random.default_rng(p.data_seed)
+    cells = p.grid * p.grid
     plans: dict[str, dict[str, list]] = {}
     for split in SPLITS:
-        clutter = [p for name in P.CLUTTER_CLASSES for p in _photos(root, _folder(split), name)]
+        clutter_classes = p.clutter_classes or tuple(
+            name for name in CIFAR10_CLASSES if name not in p.split_classes[split]
+        )
+        clutter = [q for name in clutter_classes for q in _photos(root, _folder(split), name)]
         record: dict[str, list] = {"cells": [], "instance": [], "label": [], "position": []}
-        record["photos"] = []
-        for label, name in enumerate(P.SPLIT_CLASSES[split]):
+        record["photos"], record["shuffle"] = [], []
+        for label, name in enumerate(p.split_classes[split]):
             photos = _photos(root, _folder(split), name)
-            chosen = rng.choice(len(photos), P.PHOTOS_PER_CLASS[split], replace=False)
+            chosen = rng.choice(len(photos), p.photos_per_class[split], replace=False)
             for index in chosen:
                 instance = len(record["photos"])
                 record["photos"].append(photos[index])
-                for _ in range(P.COPIES):
+                for _ in range(p.copies):
                     position = int(rng.integers(cells))
                     sources = [clutter[i] for i in rng.choice(len(clutter), cells - 1)]
                     sources.insert(position, photos[index])
@@ -62,29 +69,49 @@ def plan(root: Path) -> dict[str, dict[str, list]]:
                     record["instance"].append(instance)
                     record["label"].append(label)
                     record["position"].append(position)
+                    if p.shuffle_block:
+                        record["shuffle"].append(int(rng.integers(2**31)))
         plans[split] = record
     return plans
 
 
 def real_photos(root: Path) -> tuple[list[Path], list[int]]:
     """``REAL_PHOTOS_PER_CLASS`` CIFAR-10 test photos of every class no head trains on."""
-    rng = np.random.default_rng([P.DATA_SEED, 1])
+    p = P.current()
+    rng = np.random.default_rng([p.data_seed, 1])
     paths: list[Path] = []
     labels: list[int] = []
-    for label, name in enumerate(P.REAL_PHOTO_CLASSES):
+    for label, name in enumerate(p.real_photo_classes):
         photos = _photos(root, "test", name)
-        paths += [photos[i] for i in rng.choice(len(photos), P.REAL_PHOTOS_PER_CLASS, False)]
-        labels += [label] * P.REAL_PHOTOS_PER_CLASS
+        paths += [photos[i] for i in rng.choice(len(photos), p.real_photos_per_class, False)]
+        labels += [label] * p.real_photos_per_class
     return paths, labels
 
 
-def paint(sources: list[Path]) -> Image.Image:
-    """A ``GRID`` x ``GRID`` collage of CIFAR-10 photos, row-major."""
-    canvas = Image.new("RGB", (P.GRID * P.CELL, P.GRID * P.CELL))
-    for position, path in enumerate(sources):
-        row, col = divmod(position, P.GRID)
-        with Image.open(path) as photo:
-            canvas.paste(photo.convert("RGB"), (col * P.CELL, row * P.CELL))
+def shuffle_blocks(photo: Image.Image, block: int, rng: np.random.Generator) -> Image.Image:
+    """``photo`` cut into ``block`` px squares, put back in a random order: its colours and
+    textures without its shapes (background clutter, not an object)."""
+    pixels = np.asarray(photo)
+    rows, cols = pixels.shape[0] // block, pixels.shape[1] // block
+    blocks = pixels.reshape(rows, block, cols, block, 3).swapaxes(1, 2).reshape(-1, block, block, 3)
+    shuffled = blocks[rng.permutation(len(blocks))].reshape(rows, cols, block, block, 3)
+    return Image.fromarray(shuffled.swapaxes(1, 2).reshape(pixels.shape))
+
+
+def paint(sources: list[Path], position: int = -1, shuffle: int = 0) -> Image.Image:
+    """A grid x grid collage of CIFAR-10 photos, row-major; with the protocol's
+    ``shuffle_block``, every cell but the object's ``position`` is block-shuffled (seed
+    ``shuffle``)."""
+    p = P.current()
+    rng = np.random.default_rng(shuffle)
+    canvas = Image.new("RGB", (p.grid * p.cell, p.grid * p.cell))
+    for cell, path in enumerate(sources):
+        row, col = divmod(cell, p.grid)
+        with Image.open(path) as opened:
+            photo = opened.convert("RGB")
+        if p.shuffle_block and cell != position:
+            photo = shuffle_blocks(photo, p.shuffle_block, rng)
+        canvas.paste(photo, (col * p.cell, row * p.cell))
     return canvas
 
 
@@ -96,10 +123,10 @@ def _extract(
     from model.transforms import Normalise, eval_crop, to_uint8_tensor
 
     preprocessing = dataclasses.replace(
-        default_preprocessing(P.BACKBONE), image_size=size, resize_size=size
+        default_preprocessing(P.current().backbone), image_size=size, resize_size=size
     )
     crop, normalise = eval_crop(preprocessing), Normalise(preprocessing)
-    backbone = build_backbone(P.BACKBONE, True).eval()
+    backbone = build_backbone(P.current().backbone, True).eval()
     out = []
     began = time.perf_counter()
     with torch.inference_mode():
@@ -119,8 +146,8 @@ def _photo_loader(path: Path) -> Callable[[], Image.Image]:
     return lambda: Image.open(path).convert("RGB")
 
 
-def _collage_loader(sources: list[Path]) -> Callable[[], Image.Image]:
-    return lambda: paint(sources)
+def _collage_loader(sources: list[Path], position: int, shuffle: int) -> Callable[[], Image.Image]:
+    return lambda: paint(sources, position, shuffle)
 
 
 def build() -> dict[str, Tensor]:
@@ -128,33 +155,38 @@ def build() -> dict[str, Tensor]:
     from model.data.cifar import ensure_cifar10
 
     root = ensure_cifar10()
+    p = P.current()
     tensors: dict[str, Tensor] = {}
     for split, record in plan(root).items():
-        loaders = [_collage_loader(sources) for sources in record["cells"]]
-        tensors[f"{split}_maps"] = _extract(loaders, P.INPUT_SIZE, f"{split} collages")
+        shuffles = record["shuffle"] or [0] * len(record["cells"])
+        loaders = [
+            _collage_loader(*drawn)
+            for drawn in zip(record["cells"], record["position"], shuffles, strict=True)
+        ]
+        tensors[f"{split}_maps"] = _extract(loaders, p.input_size, f"{split} collages")
         for key in ("instance", "label", "position"):
             tensors[f"{split}_{key}"] = torch.tensor(record[key])
         if split == "train":
             clean = _extract(
-                [_photo_loader(p) for p in record["photos"]], P.INPUT_SIZE, "clean train photos"
+                [_photo_loader(p) for p in record["photos"]], p.input_size, "clean train photos"
             )
             tensors["train_clean"] = clean.float().mean(dim=(2, 3))
     paths, labels = real_photos(root)
     tensors["real_maps"] = _extract(
-        [_photo_loader(p) for p in paths], P.REAL_PHOTO_INPUT_SIZE, "real test photos"
+        [_photo_loader(p) for p in paths], p.real_photo_input_size, "real test photos"
     )
     tensors["real_label"] = torch.tensor(labels)
     return tensors
 
 
 def load() -> dict[str, Tensor]:
-    """The cached tensors of the current protocol, built first if absent.
+    """The cached tensors of the protocol in use, built first if absent.
 
-    ``<split>_maps`` ``(N, C, 6, 6)`` float16, ``<split>_instance`` / ``_label`` /
+    ``<split>_maps`` ``(N, C, h, w)`` float16, ``<split>_instance`` / ``_label`` /
     ``_position`` ``(N,)`` for split in train, val, test; ``train_clean`` ``(photos, C)`` the
     average-pooled features of each training photo alone; ``real_maps`` / ``real_label``.
     """
-    path = CACHE_DIR / f"{P.protocol_digest()}.safetensors"
+    path = CACHE_DIR / f"{P.current().digest()}.safetensors"
     if not path.is_file():
         began = time.perf_counter()
         tensors = build()
@@ -167,6 +199,7 @@ def load() -> dict[str, Tensor]:
 
 
 if __name__ == "__main__":
+    P.use(sys.argv[1] if len(sys.argv) > 1 else P.DEFAULT)
     torch.set_num_threads(2)
     for name, tensor in load().items():
         print(name, tuple(tensor.shape), tensor.dtype)

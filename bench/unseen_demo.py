@@ -31,21 +31,23 @@ PHOTOS = 50
 
 def validation_photos() -> dict[str, torch.Tensor]:
     """Feature maps and labels of the validation photos, cached by protocol digest."""
-    path = unseen_data.CACHE_DIR / f"demo-val-{P.protocol_digest()}-{PHOTOS}.safetensors"
+    path = unseen_data.CACHE_DIR / f"demo-val-{P.current().digest()}-{PHOTOS}.safetensors"
     if path.is_file():
         return load_file(str(path))
     from model.data.cifar import ensure_cifar10
 
     root = ensure_cifar10()
-    rng = np.random.default_rng([P.DATA_SEED, 2])
+    rng = np.random.default_rng([P.current().data_seed, 2])
     paths, labels = [], []
-    for label, name in enumerate(P.REAL_PHOTO_CLASSES):
+    for label, name in enumerate(P.current().real_photo_classes):
         photos = sorted((root / "train" / name).glob("*.jpg"))
         paths += [photos[i] for i in rng.choice(len(photos), PHOTOS, replace=False)]
         labels += [label] * PHOTOS
     loaders = [unseen_data._photo_loader(p) for p in paths]
     tensors = {
-        "maps": unseen_data._extract(loaders, P.REAL_PHOTO_INPUT_SIZE, "validation photos"),
+        "maps": unseen_data._extract(
+            loaders, P.current().real_photo_input_size, "validation photos"
+        ),
         "label": torch.tensor(labels),
     }
     save_file(tensors, str(path))
@@ -54,6 +56,7 @@ def validation_photos() -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=sorted(P.PROTOCOLS), default=P.DEFAULT)
     parser.add_argument("--mu", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0])
     parser.add_argument(
         "--test-shipped",
@@ -62,6 +65,7 @@ def main() -> None:
         "test collages of bench/unseen.py, beside the untrained backbone",
     )
     args = parser.parse_args()
+    P.use(args.protocol)
     torch.set_num_threads(2)
     if args.test_shipped:
         test_shipped()
@@ -82,7 +86,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     print(
         f"| untrained backbone GAP | {backbone['P@1']:.1f} | {backbone['MAP@R']:.1f} | "
-        f"{backbone['eff dim']:.1f} | {backbone['cos']:.3f} | {unseen.UNIFORM_SHARE:.3f} |"
+        f"{backbone['eff dim']:.1f} | {backbone['cos']:.3f} | {P.current().uniform_share:.3f} |"
     )
     for mu in args.mu:
         head.transport_ratio = mu
@@ -113,7 +117,8 @@ def test_shipped() -> None:
     for name, measured in (("untrained backbone GAP", backbone), ("shipped head", shipped)):
         cells = " | ".join(f"{measured[k]:.{3 if k == 'cos' else 1}f}" for k in measured)
         print(f"| {name} | {cells} |")
-    print(f"object share on the test collages: {share:.3f} (uniform {unseen.UNIFORM_SHARE:.3f})")
+    uniform = P.current().uniform_share
+    print(f"object share on the test collages: {share:.3f} (uniform {uniform:.3f})")
 
 
 if __name__ == "__main__":

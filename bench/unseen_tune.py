@@ -4,7 +4,7 @@ Takes bench/unseen.py's recipe flags; trains the GSP instance head (and, with ``
 one) per seed on the training classes and prints its validation P@1, MAP@R, effective dimension,
 mean cosine and object share.  Validation only: it cannot read the test split.
 
-    .venv/bin/python bench/unseen_tune.py --seeds 0 [recipe flags of bench/unseen.py] [--gap]
+    .venv/bin/python bench/unseen_tune.py [--protocol NAME] --seeds 0 [recipe flags] [--gap]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     parser = unseen.build_parser()
     parser.add_argument("--gap", action="store_true", help="also the GAP instance head")
     args = parser.parse_args()
+    unseen.P.use(args.protocol)
     if args.split != "val":
         raise SystemExit("bench/unseen_tune.py reads the validation split only")
     torch.set_num_threads(args.threads)
@@ -45,7 +46,7 @@ def main() -> None:
             share = (
                 unseen.object_share(weights, data["val_position"])
                 if kind == "GSP"
-                else unseen.UNIFORM_SHARE
+                else unseen.P.current().uniform_share
             )
             print(
                 f"seed {seed} {kind} val instance: P@1 {row['P@1']:.2f} MAP@R {row['MAP@R']:.2f} "

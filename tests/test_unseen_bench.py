@@ -33,7 +33,7 @@ def test_effective_dimension_counts_equal_directions() -> None:
 
 
 def test_object_masks_tile_the_map() -> None:
-    positions = torch.arange(unseen_protocols.GRID**2)
+    positions = torch.arange(unseen_protocols.current().grid ** 2)
     masks = unseen.object_masks(positions, 6)
     assert torch.equal(masks.sum(dim=0), torch.ones(6, 6, dtype=torch.long))
     assert bool(masks[4, 2:4, 2:4].all()) and int(masks[4].sum()) == 4
@@ -143,3 +143,51 @@ def test_the_tuning_loop_refuses_the_test_split(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sys, "argv", ["unseen_tune.py", "--split", "test"])
     with pytest.raises(SystemExit, match="validation split only"):
         unseen_tune.main()
+
+
+def test_block_shuffle_keeps_the_blocks_and_moves_them() -> None:
+    import numpy as np
+    import unseen_data
+    from PIL import Image
+
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint32).reshape(32, 32, 3) % 251
+    photo = Image.fromarray(pixels.astype(np.uint8))
+    shuffled = np.asarray(unseen_data.shuffle_blocks(photo, 8, np.random.default_rng(0)))
+
+    def blocks(array: np.ndarray) -> list[bytes]:
+        return sorted(
+            array[r : r + 8, c : c + 8].tobytes() for r in range(0, 32, 8) for c in range(0, 32, 8)
+        )
+
+    assert blocks(shuffled) == blocks(np.asarray(photo))
+    assert not np.array_equal(shuffled, np.asarray(photo))
+
+
+def test_the_first_protocol_keeps_its_cache_name() -> None:
+    """Its figures in docs/benchmarks.md were measured on the cache of this digest."""
+    assert unseen_protocols.PROTOCOLS["objects"].digest() == "0bc711ab667f"
+    assert unseen_protocols.PROTOCOLS["textures"].digest() != "0bc711ab667f"
+    try:
+        assert unseen_protocols.use("objects").map_size == 6
+        assert unseen_protocols.current().clutter_classes == ("frog", "horse")
+    finally:
+        unseen_protocols.use(unseen_protocols.DEFAULT)
+    assert unseen_protocols.current().map_size == 9
+
+
+def test_textures_collage_keeps_only_the_object_whole(tmp_path: Path) -> None:
+    import numpy as np
+    import unseen_data
+    from PIL import Image
+
+    generator = np.random.default_rng(1)
+    paths = []
+    for index in range(9):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(generator.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    canvas = np.asarray(unseen_data.paint(paths, position=4, shuffle=7))
+    for cell, path in enumerate(paths):
+        row, col = divmod(cell, 3)
+        painted = canvas[row * 32 : row * 32 + 32, col * 32 : col * 32 + 32]
+        assert np.array_equal(painted, np.asarray(Image.open(path))) == (cell == 4)
