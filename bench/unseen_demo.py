@@ -72,7 +72,7 @@ def main() -> None:
         return
     photos = validation_photos()
     data = unseen_data.load()
-    recipe = unseen.recipe_of(unseen.parse_defaults())
+    recipe = unseen.recipe_of(unseen.parse_defaults(args.protocol))
     start = unseen.head_start(data)
     began = time.perf_counter()
     head = unseen.train_head(

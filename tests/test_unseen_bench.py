@@ -191,3 +191,14 @@ def test_textures_collage_keeps_only_the_object_whole(tmp_path: Path) -> None:
         row, col = divmod(cell, 3)
         painted = canvas[row * 32 : row * 32 + 32, col * 32 : col * 32 + 32]
         assert np.array_equal(painted, np.asarray(Image.open(path))) == (cell == 4)
+
+
+def test_the_recipe_defaults_follow_the_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each protocol's flags default to the recipe chosen on its own validation classes."""
+    for name, chosen in unseen.CHOSEN_RECIPES.items():
+        monkeypatch.setattr(sys, "argv", ["unseen.py", "--protocol", name])
+        parsed = unseen.build_parser().parse_args()
+        assert parsed.protocol == name
+        for key, value in chosen.items():
+            assert getattr(parsed, key) == value
+    assert unseen.parse_defaults("objects").epochs != unseen.parse_defaults("textures").epochs
