@@ -119,6 +119,8 @@ class Recipe:
     mu: float
     entropy_weight: float
     start: str = "whitened"
+    start_from: str = "collages"  # or "clean": the training photos alone
+    start_dim: int = 0  # 0: the protocol's embedding size
     lr_gsp_projection: float = 0.0
     plan_teacher: float = 0.0
     plan_temperature: float = 0.05
@@ -345,12 +347,12 @@ def save_head(args: argparse.Namespace) -> None:
 
     recipe = recipe_of(args)
     data = unseen_data.load()
-    start = head_start(data, recipe.start)
+    start = head_start(data, recipe)
     inputs = training_inputs(data, start, "instance", recipe)
     head = full_head(train_head("GSP", recipe, inputs, start, args.seeds[0]), start)
     assert isinstance(head, GeneralizedSumPooling)
     metadata = {
-        "embedding_dim": str(P.current().embedding_dim),
+        "embedding_dim": str(head.embedding_dim),
         "num_prototypes": str(head.num_prototypes),
         "transport_ratio": str(args.ship_mu if args.ship_mu is not None else head.transport_ratio),
         "trained_transport_ratio": str(head.transport_ratio),
@@ -365,11 +367,16 @@ def save_head(args: argparse.Namespace) -> None:
     print(f"GSP head written to {args.save_head} ({args.save_head.stat().st_size} bytes)")
 
 
-def head_start(data: dict[str, Tensor], kind: str = "whitened") -> tuple[Tensor, Tensor]:
-    """Whitened (``kind`` "whitened") or plain ("plain") PCA of the training collages'
-    average-pooled backbone features."""
-    pooled = data["train_maps"].float().mean(dim=(2, 3))
-    return whitened_pca(pooled, P.current().embedding_dim, whiten=kind == "whitened")
+def head_start(data: dict[str, Tensor], recipe: Recipe) -> tuple[Tensor, Tensor]:
+    """Whitened (``recipe.start`` "whitened") or plain ("plain") PCA of the average-pooled
+    backbone features of the training collages (``start_from`` "collages") or of the training
+    photos alone ("clean": what a head for plain photos should keep), ``start_dim`` wide."""
+    if recipe.start_from == "clean":
+        pooled = data["train_clean"].float()
+    else:
+        pooled = data["train_maps"].float().mean(dim=(2, 3))
+    dim = recipe.start_dim or P.current().embedding_dim
+    return whitened_pca(pooled, dim, whiten=recipe.start == "whitened")
 
 
 def training_inputs(
@@ -403,7 +410,7 @@ def run(args: argparse.Namespace) -> None:
     recipe = recipe_of(args)
     data = unseen_data.load()
     split = args.split
-    start = head_start(data, recipe.start)
+    start = head_start(data, recipe)
     train_sets = {
         name: training_inputs(data, start, name, recipe) for name in ("instance", "label")
     }
@@ -577,6 +584,8 @@ def build_parser(protocol: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--start", choices=["whitened", "plain"], default="whitened", help="the heads' PCA start"
     )
+    parser.add_argument("--start-from", choices=["collages", "clean"], default="collages")
+    parser.add_argument("--start-dim", type=int, default=0, help="0: the embedding size")
     parser.add_argument(
         "--lr-gsp-projection", type=float, default=0.0, help="GSP trains its projection (0: frozen)"
     )

@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = unseen.recipe_of(args)
     data = unseen_data.load()
-    start = unseen.head_start(data, recipe.start)
+    start = unseen.head_start(data, recipe)
     inputs = unseen.training_inputs(data, start, "instance", recipe)
     evaluated = unseen.head_inputs(data["val_maps"], start)
     if inputs.location_targets is not None:
