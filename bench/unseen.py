@@ -47,6 +47,7 @@ import unseen_protocols as P
 from model.evaluate import retrieval_metrics
 from model.gsp import GeneralizedSumPooling, GlobalAveragePooling
 from model.losses import build_loss
+from model.projection_init import principal_projection
 
 # -- measures --------------------------------------------------------------------------------
 
@@ -125,20 +126,6 @@ class Recipe:
     plan_teacher: float = 0.0
     plan_temperature: float = 0.05
     prototype_init: str = "kcenter"
-
-
-def whitened_pca(pooled: Tensor, dim: int, whiten: bool = True) -> tuple[Tensor, Tensor]:
-    """``(W, b)`` with ``W x + b`` the top-``dim`` principal components of ``pooled``, whitened
-    (or, ``whiten=False``, scaled by one number to unit mean variance: plain PCA)."""
-    mean = pooled.double().mean(dim=0)
-    centred = pooled.double() - mean
-    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / centred.shape[0])
-    top = eigenvalues.argsort(descending=True)[:dim]
-    if whiten:
-        weight = (vectors[:, top] / eigenvalues[top].clamp_min(1e-8).sqrt()).T
-    else:
-        weight = vectors[:, top].T / eigenvalues[top].clamp_min(1e-8).mean().sqrt()
-    return weight.float(), (-weight @ mean).float()
 
 
 def spherical_kmeans(
@@ -376,7 +363,7 @@ def head_start(data: dict[str, Tensor], recipe: Recipe) -> tuple[Tensor, Tensor]
     else:
         pooled = data["train_maps"].float().mean(dim=(2, 3))
     dim = recipe.start_dim or P.current().embedding_dim
-    return whitened_pca(pooled, dim, whiten=recipe.start == "whitened")
+    return principal_projection(pooled, dim, whiten=recipe.start == "whitened")
 
 
 def training_inputs(

@@ -9,6 +9,7 @@ the classes no head trains on (the demo check).  The result is stored as float16
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import sys
 import time
@@ -198,8 +199,55 @@ def load() -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def export(folder: Path) -> None:
+    """The protocol's collages as PNG files and ``path,label`` lists that ``gsp train`` reads
+    (``csv:`` specs; label: the object photo, so the copies of one photo share it):
+    ``train.csv``, ``val.csv``, ``test.csv``, and ``clean.csv``, the training photos alone."""
+    import shutil
+
+    from model.data.cifar import ensure_cifar10
+
+    for split, record in plan(ensure_cifar10()).items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        shuffles = record["shuffle"] or [0] * len(record["cells"])
+        rows = []
+        drawn = zip(record["cells"], record["position"], shuffles, record["instance"], strict=True)
+        for index, (cells, position, shuffle, instance) in enumerate(drawn):
+            name = f"{split}/{index:05d}.png"
+            paint(cells, position, shuffle).save(folder / name)
+            rows.append((name, f"{split}-{instance:04d}"))
+        if split == "train":
+            (folder / "clean").mkdir(exist_ok=True)
+            clean = []
+            for instance, photo in enumerate(record["photos"]):
+                name = f"clean/{instance:04d}{photo.suffix}"
+                shutil.copyfile(photo, folder / name)
+                clean.append((name, f"train-{instance:04d}"))
+            _write_rows(folder / "clean.csv", clean)
+        _write_rows(folder / f"{split}.csv", rows)
+        print(f"{split}: {len(rows)} collages in {folder / split}", flush=True)
+
+
+def _write_rows(path: Path, rows: list[tuple[str, str]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("path", "label"))
+        writer.writerows(rows)
+
+
 if __name__ == "__main__":
-    P.use(sys.argv[1] if len(sys.argv) > 1 else P.DEFAULT)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("protocol", nargs="?", choices=sorted(P.PROTOCOLS), default=P.DEFAULT)
+    parser.add_argument(
+        "--export", type=Path, metavar="DIR", help="instead: write the collages for gsp train"
+    )
+    args = parser.parse_args()
+    P.use(args.protocol)
     torch.set_num_threads(2)
-    for name, tensor in load().items():
-        print(name, tuple(tensor.shape), tensor.dtype)
+    if args.export is not None:
+        export(args.export)
+    else:
+        for name, tensor in load().items():
+            print(name, tuple(tensor.shape), tensor.dtype)

@@ -1,9 +1,10 @@
 """The demo's default head: chosen on validation photos, read once on the test photos.
 
 The demo meets plain photos of classes its head never trained on, and draws heatmaps of where it
-pools.  Its head is a GSP head trained like bench/unseen.py's instance heads (the protocol's
-chosen recipe plus :data:`DEMO_FLAGS`) and shipped with a query-time ``mu`` (:data:`SHIP_MU`).
-Two things are measured for each seed of its training and each ``mu``:
+pools.  Its head is a GSP head trained on the "textures" instance collages with the protocol's
+chosen recipe plus :data:`DEMO_FLAGS` (made by ``gsp train --config configs/demo_head.yaml`` and
+``gsp demo export-head``; bench/unseen.py's loop trains the same recipe) and shipped with a
+query-time ``mu`` (:data:`SHIP_MU`).  For every head (pooled over seeds) and ``mu`` it measures:
 
 - retrieval by class of plain CIFAR-10 photos of the classes no head trains on, at the demo's
   224 px without crop, beside the untrained backbone's average pooling (which it must match);
@@ -11,13 +12,9 @@ Two things are measured for each seed of its training and each ``mu``:
   heatmaps; 1.5x the uniform share is the aim).
 
 By default on validation (``PHOTOS`` CIFAR-10 *train* photos per class and the validation
-collages); ``--test`` reads the test photos and test collages once, at :data:`SHIP_MU`, and the
-shipped file ``model/weights/demo_gsp_head.safetensors`` beside the retrained seeds.
+collages); ``--test`` reads the test photos and test collages once, at :data:`SHIP_MU`.
 
-    .venv/bin/python bench/unseen_demo.py [--mu 0.3 0.5 0.7] [--test]
-    .venv/bin/python bench/unseen.py --save-head model/weights/demo_gsp_head.safetensors \\
-        --ship-mu 0.5 --start plain --start-from clean --start-dim 256 \\
-        --lr-gsp-projection 0 --entropy-weight 300
+    .venv/bin/python bench/unseen_demo.py [--heads FILE ...] [--bench-seeds 0 1 2] [--test]
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,7 @@ import unseen
 import unseen_data
 import unseen_protocols as P
 
+from app.demo.prepare import SHIPPED_HEAD, head_options
 from model.gsp import GeneralizedSumPooling
 
 PHOTOS = 50
@@ -109,11 +106,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=sorted(P.PROTOCOLS), default=P.DEFAULT)
     parser.add_argument("--mu", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--heads",
+        type=Path,
+        nargs="*",
+        default=[SHIPPED_HEAD],
+        help="head files to measure, pooled as seeds of one row (default: the shipped head)",
+    )
+    parser.add_argument(
+        "--bench-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also train the demo recipe with bench/unseen.py's loop, one head per seed",
+    )
     parser.add_argument(
         "--test",
         action="store_true",
-        help=f"instead: the test photos and collages, once, at mu {SHIP_MU}, and the shipped head",
+        help=f"instead of validation: the test photos and collages, once, at mu {SHIP_MU}",
     )
     args = parser.parse_args()
     P.use(args.protocol)
@@ -125,40 +135,39 @@ def main() -> None:
         mus = [SHIP_MU]
     else:
         photos, mus = validation_photos(), args.mu
-    recipe = demo_recipe(args.protocol)
-    start = unseen.head_start(data, recipe)
-    inputs = unseen.training_inputs(data, start, "instance", recipe)
     collages, positions = data[f"{split}_maps"], data[f"{split}_position"]
     backbone = unseen.measures(photos["maps"].float().mean(dim=(2, 3)), photos["label"])
     backbone["share"] = P.current().uniform_share
     rows: dict[str, list[dict[str, float]]] = {"untrained backbone GAP": [backbone]}
-    print(f"{recipe}\n")
-    for seed in args.seeds:
-        began = time.perf_counter()
-        head = unseen.full_head(unseen.train_head("GSP", recipe, inputs, start, seed), start)
-        assert isinstance(head, GeneralizedSumPooling)
+    channels = photos["maps"].shape[1]
+    heads = [(f"{len(args.heads)} head files", load_head(p, channels)) for p in args.heads]
+    if args.bench_seeds:
+        recipe = demo_recipe(args.protocol)
+        print(f"{recipe}\n")
+        start = unseen.head_start(data, recipe)
+        inputs = unseen.training_inputs(data, start, "instance", recipe)
+        for seed in args.bench_seeds:
+            trained = unseen.full_head(unseen.train_head("GSP", recipe, inputs, start, seed), start)
+            assert isinstance(trained, GeneralizedSumPooling)
+            heads.append((f"bench/unseen.py heads ({len(args.bench_seeds)} seeds)", trained))
+    for name, head in heads:
         for mu in mus:
             head.transport_ratio = mu
             measured = measure_head(head, photos["maps"], photos["label"], collages, positions)
-            rows.setdefault(f"GSP head, mu {mu}", []).append(measured)
-        print(f"seed {seed} trained in {time.perf_counter() - began:.0f} s", flush=True)
-    if args.test:
-        rows["shipped file (seed 0)"] = [shipped(photos, collages, positions)]
+            rows.setdefault(f"{name}, mu {mu}", []).append(measured)
     print(
-        f"\nprotocol {P.current().name}; {split}: {len(photos['label'])} photos of "
+        f"protocol {P.current().name}; {split}: {len(photos['label'])} photos of "
         f"{len(P.current().real_photo_classes)} unseen classes; share on the {split} collages"
     )
     print_rows(rows, f"pooling ({split})")
 
 
-def shipped(photos: dict[str, Tensor], collages: Tensor, positions: Tensor) -> dict[str, float]:
-    """The head in model/weights/, as the demo loads it."""
-    from app.demo.prepare import SHIPPED_HEAD, shipped_head_options
-
-    dim, options = shipped_head_options()
-    head = GeneralizedSumPooling(photos["maps"].shape[1], dim, **options)
-    head.load_state_dict(load_file(str(SHIPPED_HEAD)))
-    return measure_head(head.eval(), photos["maps"], photos["label"], collages, positions)
+def load_head(path: Path, channels: int) -> GeneralizedSumPooling:
+    """A head file (bench/unseen.py --save-head, gsp demo export-head) as the demo loads it."""
+    dim, options = head_options(path)
+    head = GeneralizedSumPooling(channels, dim, **options)
+    head.load_state_dict(load_file(str(path)))
+    return head.eval()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,10 @@ class TrainingConfig:
     pooling on cached feature maps.  ``steps_per_epoch`` 0 means one pass over the training set.
     ``keep_checkpoints`` N > 0 keeps only the newest N epoch directories (and ``best``).
     ``checkpoint_every`` N validates and writes a checkpoint every N epochs and after the last
-    (only checkpointed epochs can be resumed from).
+    (only checkpointed epochs can be resumed from).  ``projection_init`` (frozen-backbone runs)
+    starts the head's projection from the principal components of the backbone's pooled
+    features of ``data`` (a data spec), ``whiten``-ed or not, and with ``freeze`` keeps it there
+    (model/projection_init.py).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,6 +120,7 @@ class TrainingConfig:
     eval_batch_size: int = 256
     keep_checkpoints: int = 0
     checkpoint_every: int = 1
+    projection_init: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prototype_init not in {"random", "kcenter"}:
@@ -138,6 +142,15 @@ class TrainingConfig:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
         if not self.data.train:
             raise ValueError("data.train must name a training data set")
+        if self.projection_init:
+            unknown = set(self.projection_init) - {"data", "whiten", "freeze"}
+            if unknown or not isinstance(self.projection_init.get("data"), dict):
+                raise ValueError(
+                    "projection_init takes data (a data spec), whiten and freeze; "
+                    f"got {sorted(self.projection_init)}"
+                )
+            if not self.frozen_backbone:
+                raise ValueError("projection_init needs frozen_backbone: true")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -151,7 +151,7 @@ def test_the_default_demo_model_is_the_shipped_head(tmp_path: Path) -> None:
     its pooling tensors are the file's, its options the file's metadata; no training runs."""
     from safetensors.torch import load_file
 
-    from app.demo.prepare import SHIPPED_HEAD, prepare_model, shipped_head_options
+    from app.demo.prepare import SHIPPED_HEAD, head_options, prepare_model
     from model.checkpoint import load_checkpoint
 
     assert SHIPPED_HEAD.stat().st_size < 2 * 1024 * 1024
@@ -163,7 +163,7 @@ def test_the_default_demo_model_is_the_shipped_head(tmp_path: Path) -> None:
     assert set(pooling) == set(shipped)
     for name, tensor in shipped.items():
         assert torch.equal(pooling[name], tensor), name
-    dim, options = shipped_head_options()
+    dim, options = head_options()
     assert loaded.config.embedding_dim == dim and loaded.config.pooling_options == options
     assert spec.model_key() != DemoSpec(head="scenes").model_key()
     with pytest.raises(ValueError, match="head must be"):
@@ -240,3 +240,36 @@ def test_demo_serve_hands_the_prepared_model_gallery_and_images_to_the_service(
     assert served["host"] == "127.0.0.1" and served["port"] == 8391
     assert served["ready"]["gallery_size"] == 3  # the prepared gallery
     assert served["image"] == 200  # its images are under the image root the demo passed
+
+
+def test_export_head_writes_a_checkpoints_head_as_the_demo_loads_it(tmp_path: Path) -> None:
+    """`gsp demo export-head` (how `gsp train`'s head becomes the shipped file): the tensors are
+    the checkpoint's pooling, the options its config's, with `--mu` as the pooling ratio; a
+    checkpoint the demo cannot use is refused."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from app.cli import main
+    from app.demo.prepare import head_options, prepare_model
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.net import build_embedding_net
+
+    checkpoint = prepare_model(DemoSpec(), cache_dir=tmp_path)
+    loaded = load_checkpoint(checkpoint)
+    out = tmp_path / "head.safetensors"
+    argv = ["demo", "export-head", "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert main([*argv, "--mu", "0.3"]) == 0
+    written = load_file(str(out))
+    for name, tensor in loaded.net.pooling.state_dict().items():
+        assert torch.equal(written[name], tensor), name
+    dim, options = head_options(out)
+    trained = loaded.config.pooling_options
+    assert dim == loaded.config.embedding_dim
+    assert options == {**trained, "transport_ratio": 0.3}
+
+    gap = dataclasses.replace(loaded.config, pooling="gap", pooling_options={}, pretrained=False)
+    save_checkpoint(tmp_path / "gap", build_embedding_net(gap).eval(), gap)
+    refused = ["demo", "export-head", "--checkpoint", str(tmp_path / "gap"), "--out", str(out)]
+    assert main(refused) == 2
+    assert load_file(str(out)).keys() == written.keys()  # the earlier file is untouched

@@ -262,3 +262,47 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path: Path) -> None:
     assert all(r["world_size"] == 2 and np.isfinite(r["loss"]) for r in records)
     final = load_checkpoint(run / "epoch-002").net
     assert final.pooling.prototypes.isfinite().all()
+
+
+def test_projection_init_starts_and_freezes_the_projection(tmp_path: Path) -> None:
+    """The head's projection is the plain PCA of the pooled backbone features of the named
+    photos, computed independently here, and stays there while the prototypes train."""
+    from model.checkpoint import load_checkpoint
+    from model.transforms import eval_transform
+
+    photos = _folder(tmp_path / "clean", classes=5, per_class=8, first=5)
+    config = _config(tmp_path, frozen_backbone=True, **{"schedule.epochs": 2})
+    raw = {**config.to_dict(), "projection_init": {"data": {"folder": str(photos)}, "freeze": True}}
+    config = TrainingConfig.from_dict(raw)
+    train(config, show_progress=False)
+    first = load_checkpoint(Path(config.output_dir) / "epoch-001").net
+    net = load_checkpoint(Path(config.output_dir) / "epoch-002").net
+
+    seed_everything(config.seed)  # the run's untrained backbone, built the same way
+    backbone = build_embedding_net(config.model).backbone.eval()
+    transform = eval_transform(config.model.preprocessing)
+    images = sorted(photos.rglob("*.png"))
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+        pooled = backbone(pixels).double().mean(dim=(2, 3))
+    centred = pooled - pooled.mean(dim=0)
+    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / len(images))
+    top = eigenvalues.argsort(descending=True)[:16]
+    expected = vectors[:, top].T / eigenvalues[top].mean().sqrt()
+    projection = net.pooling.projection.weight.flatten(1).double()
+    # eigenvectors are defined up to sign: compare each row with its best-signed reference
+    signs = torch.sign((projection * expected).sum(dim=1, keepdim=True))
+    # the run's features pass through a float16 cache: within 1 % of the largest weight
+    assert torch.allclose(projection, signs * expected, atol=1e-2 * float(expected.abs().max()))
+    assert torch.equal(first.pooling.projection.weight, net.pooling.projection.weight)
+    assert not torch.equal(first.pooling.prototypes, net.pooling.prototypes)  # these train
+
+
+def test_projection_init_is_checked() -> None:
+    base = {"data": {"train": {"folder": "x"}, "batch_size": 8, "m_per_class": 2}}
+    with pytest.raises(ValueError, match="needs frozen_backbone"):
+        TrainingConfig.from_dict({**base, "projection_init": {"data": {"folder": "y"}}})
+    with pytest.raises(ValueError, match="projection_init takes"):
+        TrainingConfig.from_dict(
+            {**base, "frozen_backbone": True, "projection_init": {"data": {"folder": "y"}, "x": 1}}
+        )

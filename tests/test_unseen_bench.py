@@ -14,6 +14,7 @@ import unseen
 import unseen_protocols
 
 from model.gsp import GeneralizedSumPooling, GlobalAveragePooling
+from model.projection_init import principal_projection
 
 
 def test_mean_pairwise_cosine_matches_the_pairs() -> None:
@@ -41,23 +42,13 @@ def test_object_masks_tile_the_map() -> None:
     assert abs(unseen.object_share(uniform, positions) - 1 / 9) < 1e-12
 
 
-def test_whitened_pca_whitens() -> None:
-    generator = torch.Generator().manual_seed(2)
-    data = torch.randn(4000, 12, generator=generator) @ torch.randn(12, 12, generator=generator)
-    weight, bias = unseen.whitened_pca(data, 5)
-    projected = (data @ weight.T + bias).double()
-    assert projected.mean(dim=0).abs().max() < 1e-4
-    covariance = projected.T @ projected / projected.shape[0]
-    assert torch.allclose(covariance, torch.eye(5, dtype=torch.float64), atol=1e-3)
-
-
 @pytest.mark.parametrize("trained_projection", [False, True])
 def test_cheap_training_forms_equal_the_heads_on_raw_maps(trained_projection: bool) -> None:
     """GAP on pre-pooled maps equals GAP on the maps; the GSP head trained on projected maps
     equals :func:`unseen.full_head` (projection folded in) on the raw maps."""
     generator = torch.Generator().manual_seed(3)
     maps = torch.randn(6, 20, 6, 6, generator=generator)
-    start = unseen.whitened_pca(torch.randn(200, 20, generator=generator), 8)
+    start = principal_projection(torch.randn(200, 20, generator=generator), 8, whiten=True)
     gap = GlobalAveragePooling(20, 8)
     pooled = maps.mean(dim=(2, 3), keepdim=True)
     assert torch.allclose(gap(maps).embedding, gap(pooled).embedding, atol=1e-5)
@@ -73,17 +64,6 @@ def test_cheap_training_forms_equal_the_heads_on_raw_maps(trained_projection: bo
     on_raw = full(maps)
     assert torch.allclose(on_projected.embedding, on_raw.embedding, atol=1e-4)
     assert torch.allclose(on_projected.weights, on_raw.weights, atol=1e-4)
-
-
-def test_plain_pca_keeps_the_spectrum() -> None:
-    generator = torch.Generator().manual_seed(5)
-    data = torch.randn(4000, 12, generator=generator) * torch.linspace(1, 4, 12)
-    weight, bias = unseen.whitened_pca(data, 5, whiten=False)
-    projected = (data @ weight.T + bias).double()
-    covariance = projected.T @ projected / projected.shape[0]
-    variances = covariance.diagonal()
-    assert torch.allclose(covariance - torch.diag(variances), torch.zeros(5, 5).double(), atol=1e-2)
-    assert bool((variances[:-1] >= variances[1:]).all()) and abs(float(variances.mean()) - 1) < 1e-3
 
 
 def test_spherical_kmeans_finds_separated_directions() -> None:
@@ -111,7 +91,7 @@ def test_gsp_variants_train() -> None:
     generator = torch.Generator().manual_seed(8)
     labels = torch.arange(8).repeat_interleave(4)
     maps = torch.randn(32, 20, 6, 6, generator=generator)
-    start = unseen.whitened_pca(maps.mean(dim=(2, 3)), 8, whiten=False)
+    start = principal_projection(maps.mean(dim=(2, 3)), 8, whiten=False)
     teacher = torch.randn(32, 20, generator=generator)
     inputs = unseen.Inputs(
         labels=labels,

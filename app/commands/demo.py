@@ -32,6 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             default=Path(".cache/demo"),
             help="where the demo's model and galleries are cached (default .cache/demo)",
         )
+    export = actions.add_parser(
+        "export-head",
+        help="write a trained GSP checkpoint's head as the demo's shipped head file",
+        description="The demo's default head is made by `gsp train --config "
+        "configs/demo_head.yaml` and this command (docs/benchmarks.md).",
+    )
+    export.add_argument("--checkpoint", type=Path, required=True, help="a gsp train checkpoint")
+    export.add_argument(
+        "--mu", type=float, help="the transport ratio the demo pools with (default: as trained)"
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=Path("model/weights/demo_gsp_head.safetensors"),
+        help="where to write it (default model/weights/demo_gsp_head.safetensors)",
+    )
+    export.set_defaults(handler=run_export_head)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     prepare.set_defaults(handler=run_prepare)
@@ -85,3 +102,19 @@ def run_serve(args: argparse.Namespace) -> int:
         "image_roots": [assets.image_root],
     }
     return serve(demo, host=args.host, port=args.port)
+
+
+def run_export_head(args: argparse.Namespace) -> int:
+    from app.demo.prepare import export_head
+    from model.checkpoint import CheckpointError
+
+    command = f"gsp demo export-head --checkpoint {args.checkpoint} --out {args.out}"
+    if args.mu is not None:
+        command += f" --mu {args.mu}"
+    try:
+        metadata = export_head(args.checkpoint, args.out, args.mu, command)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"gsp demo export-head: {error}", file=sys.stderr)
+        return 2
+    print(f"head written to {args.out} ({args.out.stat().st_size} bytes): {metadata}")
+    return 0

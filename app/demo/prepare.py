@@ -96,7 +96,7 @@ class DemoSpec:
             },
         )
         if self.head == "shipped":
-            embedding_dim, options = shipped_head_options()
+            embedding_dim, options = head_options()
         return ModelConfig(
             backbone=_BACKBONE,
             pretrained=self.pretrained,
@@ -150,17 +150,52 @@ def code_version() -> str:
     return f"{package_version()}+{digest.hexdigest()[:12]}"
 
 
-def shipped_head_options() -> tuple[int, dict[str, Any]]:
-    """Embedding size and GSP options of the shipped head, from its safetensors metadata."""
+def head_options(path: Path = SHIPPED_HEAD) -> tuple[int, dict[str, Any]]:
+    """Embedding size and GSP options of a head file (by default the shipped head), from its
+    safetensors metadata."""
     from safetensors import safe_open
 
-    with safe_open(str(SHIPPED_HEAD), framework="pt") as head:
+    with safe_open(str(path), framework="pt") as head:
         metadata = head.metadata()
     return int(metadata["embedding_dim"]), {
         "num_prototypes": int(metadata["num_prototypes"]),
         "transport_ratio": float(metadata["transport_ratio"]),
         "entropy_weight": float(metadata["entropy_weight"]),
     }
+
+
+def export_head(checkpoint: Path, out: Path, mu: float | None, command: str) -> dict[str, str]:
+    """Write a GSP checkpoint's head as the demo's shipped-head file: its tensors, and as
+    metadata its pooling options (pooling with ``mu`` when given), its backbone and ``command``.
+    Returns the metadata."""
+    from safetensors.torch import save_file
+
+    from model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    config = loaded.config
+    if config.backbone != _BACKBONE or config.pooling != "gsp":
+        raise ValueError(
+            f"the demo takes a GSP head on {_BACKBONE}; {checkpoint} has "
+            f"{config.pooling} on {config.backbone}"
+        )
+    options = config.pooling_options
+    metadata = {
+        "embedding_dim": str(config.embedding_dim),
+        "num_prototypes": str(options["num_prototypes"]),
+        "transport_ratio": str(options["transport_ratio"] if mu is None else mu),
+        "trained_transport_ratio": str(options["transport_ratio"]),
+        "entropy_weight": str(options["entropy_weight"]),
+        "backbone": config.backbone,
+        "checkpoint_fingerprint": loaded.fingerprint,
+        "command": command,
+    }
+    tensors = {k: v.detach().contiguous() for k, v in loaded.net.pooling.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(out)
+    return metadata
 
 
 def _file_digest(path: Path) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from model.data import (
@@ -22,6 +22,7 @@ from model.data.sampling import check_batch_composition
 from model.evaluate import EvalInputs
 from model.feature_cache import FeatureMapSet
 from model.net import EmbeddingNet, build_embedding_net
+from model.projection_init import principal_projection, set_projection
 from model.training.distributed import DistributedContext
 from model.training.feature_maps import split_feature_maps
 from model.training_config import TrainingConfig
@@ -34,6 +35,7 @@ __all__ = [
     "cache_features",
     "check_data",
     "selection_specs",
+    "start_projection",
     "train_loader",
     "train_source",
 ]
@@ -87,6 +89,30 @@ def train_source(
     labels = [int(label) for label in images.targets]
     description = {"data": spec, "split": split}
     return TrainSource(items, labels, len(images.classes), description)
+
+
+def start_projection(
+    config: TrainingConfig, net: EmbeddingNet, ctx: DistributedContext, progress: bool = True
+) -> None:
+    """``projection_init``: the head's projection from the principal components of the frozen
+    backbone's average-pooled features of ``projection_init.data`` (through the feature cache)."""
+    spec = config.projection_init["data"]
+    (split,) = default_split(spec, training=True)
+    maps, _ = split_feature_maps(config, net, spec, split, ctx, progress)
+    pooled = maps.maps.float().mean(dim=(1, 2))
+    projection = getattr(net.pooling, "projection", None)
+    if not isinstance(projection, nn.Conv2d):
+        pooling = config.model.pooling
+        raise ValueError(f"projection_init needs a pooling with a projection, not {pooling}")
+    weight, bias = principal_projection(
+        pooled, projection.out_channels, bool(config.projection_init.get("whiten", False))
+    )
+    set_projection(
+        projection,
+        weight.to(ctx.device),
+        bias.to(ctx.device),
+        bool(config.projection_init.get("freeze", False)),
+    )
 
 
 class MapBatches:
@@ -174,6 +200,9 @@ def cache_features(config: TrainingConfig, progress: bool = True) -> None:
     for spec in (val_spec, config.data.test):
         if spec:
             specs.append((spec, default_split(spec, training=False)))
+    if config.projection_init:
+        spec = config.projection_init["data"]
+        specs.append((spec, default_split(spec, training=True)))
     for spec, splits in specs:
         for split in splits:
             split_feature_maps(config, net, spec, split, ctx, progress)

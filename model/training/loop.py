@@ -35,6 +35,7 @@ from model.training.inputs import (
     build_eval_inputs,
     check_data,
     selection_specs,
+    start_projection,
     train_loader,
     train_source,
 )
@@ -81,6 +82,8 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
     if config.frozen_backbone:
         net.backbone.requires_grad_(False)
     source = train_source(config, net, ctx, show_progress)
+    if config.projection_init:
+        start_projection(config, net, ctx, show_progress)
     _, val_spec = selection_specs(config)
     val_inputs = build_eval_inputs(config, net, val_spec, ctx, show_progress) if val_spec else None
     objective = build_objective(config, net, source.num_classes).to(ctx.device)

@@ -19,8 +19,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """One parameter group each for backbone, pooling and loss (proxies), own learning rates."""
     opt = config.optimizer
+    pooling = [p for p in net.pooling.parameters() if p.requires_grad]  # projection_init.freeze
     groups = [
-        {"name": "pooling", "params": list(net.pooling.parameters()), "lr": opt.lr_pooling},
+        {"name": "pooling", "params": pooling, "lr": opt.lr_pooling},
         {"name": "loss", "params": list(objective.parameters()), "lr": opt.lr_loss},
     ]
     if not config.frozen_backbone:
