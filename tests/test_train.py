@@ -306,3 +306,21 @@ def test_projection_init_is_checked() -> None:
         TrainingConfig.from_dict(
             {**base, "frozen_backbone": True, "projection_init": {"data": {"folder": "y"}, "x": 1}}
         )
+
+
+def test_a_run_does_not_depend_on_a_warm_feature_cache(tmp_path: Path) -> None:
+    """The same frozen-backbone config gives the same weights whether its run fills the feature
+    cache (cold) or reads it (warm): filling it must not move the random streams."""
+    from model.checkpoint import load_checkpoint
+    from model.training import feature_maps
+
+    raw = _raw_config(tmp_path)
+    weights = []
+    for name in ("cold", "warm"):
+        feature_maps._RECENT_MAPS.clear()  # a new process: the warm run reads the disk cache
+        overrides = ["frozen_backbone=true", f"output_dir={tmp_path / name}", "schedule.epochs=2"]
+        config = TrainingConfig.from_dict(apply_overrides(raw, overrides))
+        train(config, show_progress=False)
+        weights.append(load_checkpoint(tmp_path / name / "epoch-002").net.pooling.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key

@@ -86,6 +86,9 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
         start_projection(config, net, ctx, show_progress)
     _, val_spec = selection_specs(config)
     val_inputs = build_eval_inputs(config, net, val_spec, ctx, show_progress) if val_spec else None
+    # filling the feature cache draws from the random streams (loader seeds), reading it does
+    # not: reseed, so that a run is the same whether its cache was cold or warm
+    seed_everything(config.seed + ctx.rank + 1)
     objective = build_objective(config, net, source.num_classes).to(ctx.device)
     optimizer = build_optimizer(config, net, objective)
     loader = train_loader(config, source, ctx)
