@@ -44,7 +44,7 @@ PHOTOS = 50
 DEMO_FLAGS = (
     "--start plain --start-from clean --start-dim 256 --lr-gsp-projection 0 --entropy-weight 300"
 )
-SHIP_MU = 0.5
+SHIP_MU = 0.55
 
 
 def validation_photos() -> dict[str, Tensor]:
