@@ -327,33 +327,6 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
     return Recipe(**{field: getattr(args, field) for field in Recipe.__dataclass_fields__})
 
 
-def save_head(args: argparse.Namespace) -> None:
-    """Train the recipe's GSP head on the training instances (first seed) and write its tensors
-    with the pooling options and the command as safetensors metadata: the demo's shipped head."""
-    from safetensors.torch import save_file
-
-    recipe = recipe_of(args)
-    data = unseen_data.load()
-    start = head_start(data, recipe)
-    inputs = training_inputs(data, start, "instance", recipe)
-    head = full_head(train_head("GSP", recipe, inputs, start, args.seeds[0]), start)
-    assert isinstance(head, GeneralizedSumPooling)
-    metadata = {
-        "embedding_dim": str(head.embedding_dim),
-        "num_prototypes": str(head.num_prototypes),
-        "transport_ratio": str(args.ship_mu if args.ship_mu is not None else head.transport_ratio),
-        "trained_transport_ratio": str(head.transport_ratio),
-        "entropy_weight": str(head.entropy_weight),
-        "backbone": P.current().backbone,
-        "protocol": f"{P.current().name} {P.current().digest()}",
-        "command": "python bench/unseen.py " + " ".join(sys.argv[1:]),
-    }
-    tensors = {name: value.detach().contiguous() for name, value in head.state_dict().items()}
-    args.save_head.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.save_head), metadata=metadata)
-    print(f"GSP head written to {args.save_head} ({args.save_head.stat().st_size} bytes)")
-
-
 def head_start(data: dict[str, Tensor], recipe: Recipe) -> tuple[Tensor, Tensor]:
     """Whitened (``recipe.start`` "whitened") or plain ("plain") PCA of the average-pooled
     backbone features of the training collages (``start_from`` "collages") or of the training
@@ -586,20 +559,9 @@ def build_parser(protocol: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--plan-temperature", type=float, default=0.05)
     parser.add_argument("--prototype-init", choices=["kcenter", "kmeans"], default="kcenter")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--ship-mu",
-        type=float,
-        help="with --save-head: the mu the saved head pools with (default: the trained one)",
-    )
     parser.add_argument("--json", type=Path, help="also write the per-seed values to this file")
     parser.add_argument(
         "--merge", type=Path, nargs="+", metavar="JSON", help="report the pooled --json files"
-    )
-    parser.add_argument(
-        "--save-head",
-        type=Path,
-        metavar="FILE",
-        help="instead of the comparison, train the GSP head (first seed) and save it to FILE",
     )
     parser.set_defaults(**CHOSEN_RECIPES[protocol])
     return parser
@@ -617,7 +579,5 @@ if __name__ == "__main__":
     torch.set_num_threads(arguments.threads)
     if arguments.merge:
         merge(arguments)
-    elif arguments.save_head is not None:
-        save_head(arguments)
     else:
         run(arguments)

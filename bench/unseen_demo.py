@@ -163,7 +163,7 @@ def main() -> None:
 
 
 def load_head(path: Path, channels: int) -> GeneralizedSumPooling:
-    """A head file (bench/unseen.py --save-head, gsp demo export-head) as the demo loads it."""
+    """A head file (``gsp demo export-head``) as the demo loads it."""
     dim, options = head_options(path)
     head = GeneralizedSumPooling(channels, dim, **options)
     head.load_state_dict(load_file(str(path)))

@@ -241,7 +241,7 @@ def test_quick_start_prepares_the_demo_offline_then_reuses_it(tmp_path: Path) ->
     built = re.search(pattern, first.stdout)
     assert built, first.stdout
     # The shipped head is chosen for real photos of unseen classes (docs/benchmarks.md, issue 18),
-    # not for the drawn scenes: 0.370 there (8 classes, chance 0.125; the untrained backbone's
+    # not for the drawn scenes: 0.427 there (8 classes, chance 0.125; the untrained backbone's
     # average pooling 0.578, the scene-trained head 0.98)
     assert int(built.group(1)) > 0 and float(built.group(2)) > 0.2
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

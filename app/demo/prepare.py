@@ -1,15 +1,15 @@
 """Demo preparation: the built-in model and gallery, made offline and cached under .cache/demo.
 
-The demo model is EfficientNet-Lite0 with its shipped ImageNet weights, frozen, and a GSP head:
-by default the head shipped in ``model/weights/`` (trained on the CIFAR-10 collages of
-bench/unseen.py's "textures" protocol by ``bench/unseen.py --save-head``, chosen for real photos of
-unseen classes, see docs/benchmarks.md), or with ``head="scenes"`` one trained by
-:func:`model.training.train` (frozen-backbone mode) on generated training scenes.  The demo gallery
-is a second, separately seeded set of scenes indexed with that model.  Each stage
-lives in a directory named by a hash of everything that determines it (scene parameters, seeds,
-sizes, model and training settings, code version), and is marked complete by a ``ready.json``
-written last: a later run with the same inputs reuses it, changed inputs build a new one, and
-a run interrupted half-way is started again from scratch.
+The demo model is EfficientNet-Lite0 with its shipped ImageNet weights, frozen, and a GSP head: by
+default the head shipped in ``model/weights/`` (made by ``gsp train --config
+configs/demo_head.yaml`` on the CIFAR-10 collages of bench/unseen.py's "textures" protocol and
+``gsp demo export-head``, chosen for real photos of unseen classes, see docs/benchmarks.md), or
+with ``head="scenes"`` one trained by :func:`model.training.train` (frozen-backbone mode) on
+generated training scenes.  The demo gallery is a second, separately seeded set of scenes indexed
+with that model.  Each stage lives in a directory named by a hash of everything that determines it
+(scene parameters, seeds, sizes, model and training settings, code version), and is marked
+complete by a ``ready.json`` written last: a later run with the same inputs reuses it, changed
+inputs build a new one, and a run interrupted half-way is started again from scratch.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def _install_shipped_head(spec: DemoSpec, checkpoint: Path) -> None:
         net.eval(),
         config,
         head=SHIPPED_HEAD.name,
-        training_data="CIFAR-10 collages (textures protocol), bench/unseen.py --save-head",
+        training_data="CIFAR-10 collages (textures protocol), configs/demo_head.yaml",
     )
 
 
