@@ -96,6 +96,11 @@ def test_every_shipped_config_selects_on_a_val_split_carved_from_training_data()
             # collage val: training photos the train collages leave out, same plan seed
             assert (val["split"], val["seed"]) == ("val", config.data.train["seed"]), path.name
             assert test["split"] == "test", path.name
+        elif "csv" in config.data.train:
+            # lists of bench/unseen_data.py --export: the protocol's validation classes, carved
+            # from the training photos (bench/unseen_protocols.py), each split a list of its own
+            lists = {config.data.train["csv"], val["csv"], test["csv"]}
+            assert len(lists) == 3, path.name
         else:
             assert val["holdout"] == "classes", path.name  # class-disjoint benchmarks
             assert "split" not in test, path.name  # the benchmark's own test classes
