@@ -447,7 +447,8 @@ def merge(args: argparse.Namespace) -> None:
     report(args, Recipe(**runs[0]["recipe"]), rows)
 
 
-def _cell(values: list[float] | None, digits: int) -> str:
+def mean_spread(values: list[float] | None, digits: int) -> str:
+    """``mean ± sd`` of ``values`` (sd 0 for one value); ``-`` when none is a number."""
     if not values or all(v != v for v in values):
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -494,7 +495,9 @@ def report(
         for row, values in rows.items():
             if not any(k in values for k in keys):
                 continue
-            cells = [_cell(values.get(k), 3 if k.endswith(("cos", "share")) else 1) for k in keys]
+            cells = [
+                mean_spread(values.get(k), 3 if k.endswith(("cos", "share")) else 1) for k in keys
+            ]
             print(f"| {row} | " + " | ".join(cells) + " |")
         print()
 

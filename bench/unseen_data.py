@@ -44,7 +44,7 @@ def _folder(split: str) -> str:
 def plan(root: Path) -> dict[str, dict[str, list]]:
     """Per split: each collage's ``cells`` (grid x grid paths, row-major), ``instance``,
     ``label``, ``position`` (the object's cell) and ``shuffle`` (the seed of its clutter's block
-    shuffle; unused without ``shuffle_block``); for train also the distinct ``photos``."""
+    shuffle; 0 and unused without ``shuffle_block``); for train also the distinct ``photos``."""
     p = P.current()
     rng = np.random.default_rng(p.data_seed)
     cells = p.grid * p.grid
@@ -70,8 +70,9 @@ def plan(root: Path) -> dict[str, dict[str, list]]:
                     record["instance"].append(instance)
                     record["label"].append(label)
                     record["position"].append(position)
-                    if p.shuffle_block:
-                        record["shuffle"].append(int(rng.integers(2**31)))
+                    # no draw without shuffle_block: the first protocol's plan stays as it was
+                    shuffle = int(rng.integers(2**31)) if p.shuffle_block else 0
+                    record["shuffle"].append(shuffle)
         plans[split] = record
     return plans
 
@@ -159,10 +160,9 @@ def build() -> dict[str, Tensor]:
     p = P.current()
     tensors: dict[str, Tensor] = {}
     for split, record in plan(root).items():
-        shuffles = record["shuffle"] or [0] * len(record["cells"])
         loaders = [
             _collage_loader(*drawn)
-            for drawn in zip(record["cells"], record["position"], shuffles, strict=True)
+            for drawn in zip(record["cells"], record["position"], record["shuffle"], strict=True)
         ]
         tensors[f"{split}_maps"] = _extract(loaders, p.input_size, f"{split} collages")
         for key in ("instance", "label", "position"):
@@ -209,9 +209,10 @@ def export(folder: Path) -> None:
 
     for split, record in plan(ensure_cifar10()).items():
         (folder / split).mkdir(parents=True, exist_ok=True)
-        shuffles = record["shuffle"] or [0] * len(record["cells"])
         rows = []
-        drawn = zip(record["cells"], record["position"], shuffles, record["instance"], strict=True)
+        drawn = zip(
+            record["cells"], record["position"], record["shuffle"], record["instance"], strict=True
+        )
         for index, (cells, position, shuffle, instance) in enumerate(drawn):
             name = f"{split}/{index:05d}.png"
             paint(cells, position, shuffle).save(folder / name)

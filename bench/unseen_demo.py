@@ -20,7 +20,6 @@ collages); ``--test`` reads the test photos and test collages once, at :data:`SH
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -93,12 +92,10 @@ def print_rows(rows: dict[str, list[dict[str, float]]], title: str) -> None:
     print(f"| {title} | " + " | ".join(keys) + " |")
     print("| --- |" + " --- |" * len(keys))
     for name, runs in rows.items():
-        cells = []
-        for key in keys:
-            values = [run[key] for run in runs]
-            digits = 3 if key in ("cos", "share") else 1
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}")
+        cells = [
+            unseen.mean_spread([run[key] for run in runs], 3 if key in ("cos", "share") else 1)
+            for key in keys
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
